@@ -1,0 +1,1 @@
+"""Offline, torch-only: trial alignment and windows, the NEDS model, masking, training, export."""
