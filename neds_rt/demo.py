@@ -60,7 +60,7 @@ def run_demo(out: Path) -> None:
             eid[:8], tr.probe, str(tr.n_units), regions, split, str(tuple(tr.spikes.shape)),
             str(co.spikes.shape[0]), str(tuple(tr.wheel.shape)), str(tuple(tr.whisker.shape)),
         )
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 def _counts(values: object) -> tuple[list[str], list[int]]:
