@@ -67,6 +67,146 @@ def demo(
         raise _fail(err) from err
 
 
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="ONE cache folder (real IBL or `neds-rt simulate`).")],
+    out: Annotated[Path, typer.Option(help="Run folder: best.pt, last.pt and metrics.json.")],
+    mode: Annotated[str, typer.Option(help="offline (the paper) or streaming (causal).")] = "offline",
+    sessions: Annotated[str, typer.Option(help="EID,EID,... or all.")] = "all",
+    finetune_from: Annotated[
+        Path | None, typer.Option(help="Checkpoint to fine-tune from (keeps shared weights).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    nproc: Annotated[
+        int, typer.Option(min=1, help="Processes; N > 1 reruns this command under `python -m "
+                          "torch.distributed.run --standalone --nproc_per_node N` (DDP).")
+    ] = 1,
+    preset: Annotated[str, typer.Option(help="Model size: tiny, small or default (the paper).")] = "default",
+    batch_size: Annotated[int, typer.Option(min=1, help="Trials per step per process.")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 1e-3,
+    mask_ratio: Annotated[float | None, typer.Option(help="Default 0.3, or 0.1 when fine-tuning.")] = None,
+    max_steps: Annotated[int, typer.Option(min=0, help="Stop after this many steps (0: all epochs).")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
+    array_cache: Annotated[Path, typer.Option(help="Cache of binned session arrays.")] = Path("array_cache"),
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
+    progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
+) -> None:
+    """Train NEDS on one or many sessions (or fine-tune on held-out ones); DDP with --nproc N."""
+    import os
+    import sys
+
+    if nproc > 1:
+        from training.distributed import launch, strip_option
+
+        raise typer.Exit(code=launch(nproc, strip_option(sys.argv[1:], "--nproc")))
+    import torch
+
+    from training.config import NEDSConfig, TrainConfig
+    from training.model import count_parameters
+    from training.train import load_run_arrays
+    from training.train import train as run_training
+
+    if int(os.environ.get("RANK", "0")) > 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 alone logs
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        chosen = None if sessions.strip() == "all" else [s.strip() for s in sessions.split(",") if s.strip()]
+        arrays = load_run_arrays(data, chosen, cache_root=array_cache)
+        model_cfg = None
+        if finetune_from is None and not resume:
+            model_cfg = NEDSConfig.preset(preset, n_sessions=len(arrays), mode=mode)
+        tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps,
+                           device=device, progress=progress)
+        result = run_training(arrays, out, model_cfg, tcfg, finetune_from=finetune_from,
+                              mask_ratio=mask_ratio, resume=resume)
+    except NedsRtError as err:
+        raise _fail(err) from err
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"trained {len(arrays)} sessions, {count_parameters(result.model):,} parameters, "
+                   f"{result.steps} steps, {result.trials_per_s:.1f} trials/s")
+        typer.echo(f"best epoch {result.best_epoch}, validation score {result.best_score:.4f}")
+        typer.echo(f"run folder: {out} (best.pt, last.pt, metrics.json)")
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="Training checkpoint (.pt) to export.")],
+    out: Annotated[Path, typer.Option(help="Model file to write (.onnx or .pt).")],
+    format: Annotated[str, typer.Option("--format", help="onnx | torchscript")] = "onnx",
+    graph: Annotated[str, typer.Option(help="step (one bin per call, state kept) | window")] = "step",
+    session: Annotated[str | None, typer.Option(help="Session (eid) whose units the file serves.")] = None,
+    context: Annotated[int | None, typer.Option(help="Context C in bins (default: n_bins).")] = None,
+) -> None:
+    """Export a checkpoint to ONNX or TorchScript; its metadata (units, context, ...) travel inside."""
+    from training.export import export_checkpoint
+
+    try:
+        meta = export_checkpoint(checkpoint, out, fmt=format, graph=graph, eid=session, context=context)
+    except NedsRtError as err:
+        raise _fail(err) from err
+    typer.echo(
+        f"wrote {out}: {meta.mode} {meta.graph} graph, session {meta.session}, {meta.n_units} units, "
+        f"context {meta.context} bins of {meta.bin_size * 1000:.0f} ms, outputs "
+        f"{', '.join(o.label for o in meta.outputs)}, weights sha256 {meta.weights_sha256[:12]}"
+    )
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option(help="Exported step graph (.onnx or .pt) from `neds-rt export`.")],
+    stream: Annotated[str, typer.Option(help="LSL spike stream name (with --zmq-in: the ZMQ topic).")]
+    = "spikes",
+    engine: Annotated[str, typer.Option(help="onnx or torchscript.")] = "onnx",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    zmq_in: Annotated[str | None, typer.Option(help="Read spikes from this ZMQ PUB (connect), not LSL.")]
+    = None,
+    zmq_out: Annotated[str | None, typer.Option(help="Also publish decodes on this ZMQ url (bind).")] = None,
+    out_stream: Annotated[str, typer.Option(help="Name of the LSL Behavior stream of decodes.")]
+    = "neds_decodes",
+    log: Annotated[Path | None, typer.Option("--log", help="Decode log CSV (default: decodes_<time>.csv).")]
+    = None,
+    grace: Annotated[float | None, typer.Option(help="ms a bin stays open after its end (default 5; binned "
+                                                     "counts 50).")] = None,
+    lsl_scope: Annotated[str, typer.Option(help="LSL discovery scope: machine, link or site.")] = "machine",
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="Engine CPU threads.")] = 1,
+    kind: Annotated[str, typer.Option(help="auto, events (Spikes) or counts (SpikeCounts).")] = "auto",
+    clock: Annotated[str, typer.Option(help="local (LSL, same-host ZMQ) or stream (newest stream time).")]
+    = "local",
+    t0: Annotated[float | None, typer.Option(help="Bin-grid origin, stream seconds (default: first event "
+                                                  "floored to the bin grid).")] = None,
+    stall: Annotated[float, typer.Option(help="Seconds without data before bins are gap-filled.")] = 1.0,
+    status_every: Annotated[float, typer.Option(help="Seconds between status lines.")] = 5.0,
+) -> None:
+    """Decode a live spike stream, one step per 20 ms bin: LSL Behavior + ZMQ decodes + decode log."""
+    import signal
+    import time
+
+    from neds_rt import lsl_scope as scope
+    from neds_rt.serve import ServeConfig, Server
+
+    try:
+        scope.configure(lsl_scope)  # before any LSL call
+        log_path = log if log is not None else Path(f"decodes_{time.strftime('%Y%m%d_%H%M%S')}.csv")
+        cfg = ServeConfig(model=model, stream=stream, engine=engine, device=device, threads=threads,
+                          kind=kind,
+                          zmq_in=zmq_in, zmq_out=zmq_out, out_stream=out_stream, log_path=log_path,
+                          grace_ms=grace, duration_s=duration, clock=clock, t0=t0, stall_s=stall,
+                          status_s=status_every)
+        server = Server(cfg)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: server.stop())
+        summary = server.run()
+    except NedsRtError as err:
+        raise _fail(err) from err
+    for line in summary.lines():
+        typer.echo(line)
+    typer.echo(f"decode log: {log_path}")
+
+
 @bench_app.command("binning")
 def bench_binning(
     out: Annotated[Path, typer.Option(help="Folder for the JSON result.")] = Path("bench_out"),
@@ -78,6 +218,39 @@ def bench_binning(
     from bench.binning import run_binning_bench
 
     run_binning_bench(out, duration=duration, n_units=units, rate_hz=rate)
+
+
+@bench_app.command("inference")
+def bench_inference(
+    out: Annotated[Path, typer.Option(help="Folder: inference.json/.png, models/.")] = Path("bench_out"),
+    steps: Annotated[int | None, typer.Option(help="Timed steps per step row (default 10000).")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Untimed steps first (default 500, >= context).")] = None,
+    baseline_steps: Annotated[
+        int | None, typer.Option(help="Timed ticks of each naive full-window row (default 300).")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Rows run interleaved in this many chunks.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A short run (600 steps, 20 naive ticks).")] = False,
+    units: Annotated[int, typer.Option(help="Units of the session.")] = 600,
+    context: Annotated[int, typer.Option(help="Context bins (ring of the step, window of the naive).")] = 100,
+    rate: Annotated[float, typer.Option(help="Mean firing rate, Hz.")] = 7.0,
+    cpu_batch: Annotated[int, typer.Option(help="Streams per call of the batched CPU row (0: none).")] = 8,
+    eager_baseline: Annotated[bool, typer.Option(help="Also time the naive recompute in eager.")] = True,
+    hidden: Annotated[int | None, typer.Option(help="Model width (default: NEDSConfig's 256).")] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads (default 8).")] = None,
+    mlp: Annotated[int | None, typer.Option(help="MLP width (default 512).")] = None,
+    layers: Annotated[int | None, typer.Option(help="Transformer layers (default 5).")] = None,
+) -> None:
+    """Per-step latency (p50/p99/p99.9/max) of onnxruntime, TorchScript, eager vs the naive recompute."""
+    from bench.inference import InferenceBenchConfig, run_inference_bench
+
+    given = {k: v for k, v in dict(steps=steps, warmup=warmup, baseline_steps=baseline_steps,
+                                   rounds=rounds).items() if v is not None}
+    fields = dict(n_units=units, context=context, rate_hz=rate, cpu_batch=cpu_batch,
+                  eager_baseline=eager_baseline, hidden=hidden, heads=heads, mlp=mlp, layers=layers) | given
+    try:
+        cfg = InferenceBenchConfig.quick(**fields) if quick else InferenceBenchConfig(**fields)
+        run_inference_bench(out, cfg)
+    except NedsRtError as err:
+        raise _fail(err) from err
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """Inference engines: run an exported NEDS step graph one 20 ms bin at a time, state kept between steps.
 
-Step-graph contract (ONNX and TorchScript alike)::
+Step-graph contract (ONNX and TorchScript alike; L layers, M = 5 tokens per bin, S = (C - 1) * M slots)::
 
-    inputs   counts    (B, N) float32   spike counts of the newest bin
-             k_cache   (L, B, H, C, Dh) float32  per-layer keys of the last C bins (oldest first)
-             v_cache   (L, B, H, C, Dh) float32  per-layer values
-             n_valid   (1,) int64       how many of the C cached bins hold real data (0..C)
-    outputs  decodes   (B, n_out) float32  behaviour decodes of the newest bin (meta.outputs order)
-             log_rates (B, N) float32     predicted Poisson log-rate per unit of the newest bin
-             k_cache_out, v_cache_out       the caches shifted by one bin with the newest appended
+    inputs   counts     (B, N) float32     spike counts of the newest bin
+             key_bias   (B, S) float32     0 for ring slots that hold a bin, -inf for empty ones
+             cos, sin   (Dh,) float32      rotary tables of the newest bin's absolute index (float64 angles)
+             k_l, v_l   (B, H, S, Dh)      layer l's ring of rotated keys / values of the last C - 1 bins
+    outputs  decodes    (B, n_out) float32 behaviour decodes of the newest bin (meta.outputs order)
+             log_rates  (B, N) float32     predicted Poisson log-rate per unit of the newest bin
+             k_new_l, v_new_l (B, H, M, Dh) the newest bin's keys / values, written by the engine into
+                                           ring slot ``bin % (C - 1)``
 
+The ring is preallocated and never shifted, so a step reads the cache once and writes M slots per layer.
 onnxruntime uses the CUDA provider when present and asked for, else the CPU provider; TorchScript runs on
 CPU or CUDA. Torch is imported only by the TorchScript engine.
 """
@@ -17,6 +19,7 @@ CPU or CUDA. Torch is imported only by the TorchScript engine.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -24,18 +27,25 @@ import numpy as np
 
 from neds_rt.errors import ConfigError, ModelFileError, StreamError, invalid
 from neds_rt.model_meta import META_KEY, ModelMeta
+from neds_rt.rotary import rotary_step_tables
 
 log = logging.getLogger(__name__)
 
-STEP_INPUTS: Final = ("counts", "k_cache", "v_cache", "n_valid")
-STEP_OUTPUTS: Final = ("decodes", "log_rates", "k_cache_out", "v_cache_out")
 ENGINES: Final = ("onnx", "torchscript")
 DEVICES: Final = ("cpu", "cuda")
+
+
+def step_io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of a step graph with ``n_layers`` layers (the export writes these)."""
+    cache_in = [f"{kv}_{layer}" for layer in range(n_layers) for kv in ("k", "v")]
+    cache_out = [f"{kv}_new_{layer}" for layer in range(n_layers) for kv in ("k", "v")]
+    return ["counts", "key_bias", "cos", "sin", *cache_in], ["decodes", "log_rates", *cache_out]
 
 
 class Engine(Protocol):
     meta: ModelMeta
     batch: int
+    log_rates: np.ndarray
 
     def reset(self) -> None: ...
 
@@ -51,23 +61,48 @@ def _check_file(path: Path) -> None:
                       kind=ModelFileError)
 
 
-class _StepState:
-    """Preallocated per-layer key/value caches for B streams."""
+def _check_step_meta(meta: ModelMeta, source: str) -> int:
+    if meta.graph != "step":
+        raise invalid(source, "is a window graph; serving needs a step graph", meta.graph,
+                      "export with --graph step", kind=ModelFileError)
+    n_mod = int(meta.extra.get("n_modalities", 0))
+    if n_mod < 1 or "rope_base" not in meta.extra:
+        raise invalid(source, "metadata lacks n_modalities / rope_base of the step graph", meta.extra,
+                      "re-export the model", kind=ModelFileError)
+    return n_mod
 
-    def __init__(self, meta: ModelMeta, batch: int) -> None:
-        shape = (meta.n_layers, batch, meta.n_heads, meta.context, meta.head_dim)
-        self.k = np.zeros(shape, dtype=np.float32)  # (L, B, H, C, Dh) keys of the last C bins
-        self.v = np.zeros(shape, dtype=np.float32)  # (L, B, H, C, Dh) values
-        self.n_valid = np.zeros(1, dtype=np.int64)  # (1,) cached bins that hold data
-        self.context = meta.context
+
+class _Ring:
+    """Preallocated per-layer key/value rings for B streams, and the bin clock of the state."""
+
+    def __init__(self, meta: ModelMeta, batch: int, n_mod: int) -> None:
+        self.n_mod = n_mod
+        self.ring_bins = meta.context - 1
+        slots = self.ring_bins * n_mod
+        shape = (batch, meta.n_heads, slots, meta.head_dim)
+        self.kv = [np.zeros(shape, dtype=np.float32) for _ in range(2 * meta.n_layers)]  # L x (k, v)
+        self.key_bias = np.full((batch, slots), -np.inf, dtype=np.float32)  # (B, S)
+        self.next_bin = 0
+        self.head_dim = meta.head_dim
+        self.rope_base = float(meta.extra["rope_base"])
 
     def reset(self) -> None:
-        self.k[:] = 0.0
-        self.v[:] = 0.0
-        self.n_valid[0] = 0
+        for a in self.kv:
+            a[:] = 0.0
+        self.key_bias[:] = -np.inf
+        self.next_bin = 0
 
-    def advance(self) -> None:
-        self.n_valid[0] = min(int(self.n_valid[0]) + 1, self.context)
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        return rotary_step_tables(self.next_bin, self.head_dim, self.rope_base)
+
+    def write(self, new_kv: list[np.ndarray]) -> None:
+        """Store the newest bin's (B, H, M, Dh) keys/values in its slot and advance the clock."""
+        if self.ring_bins > 0:
+            lo = (self.next_bin % self.ring_bins) * self.n_mod
+            for ring, new in zip(self.kv, new_kv, strict=True):
+                ring[:, :, lo:lo + self.n_mod] = new
+            self.key_bias[:, lo:lo + self.n_mod] = 0.0
+        self.next_bin += 1
 
 
 def _check_counts(counts: np.ndarray, meta: ModelMeta, batch: int) -> np.ndarray:
@@ -106,29 +141,38 @@ class OnnxStepEngine:
         except Exception as err:  # onnxruntime raises its own exception types for corrupt files
             raise invalid(str(path), "is not a readable ONNX model (corrupt or truncated?)", str(err)[:200],
                           "export the model again", kind=ModelFileError) from err
-        self.providers = self._sess.get_providers()
+        self.providers: list[str] = self._sess.get_providers()
         meta_text = self._sess.get_modelmeta().custom_metadata_map.get(META_KEY)
         self.meta = ModelMeta.from_json(meta_text, str(path))
-        _check_io(self.meta, [i.name for i in self._sess.get_inputs()],
-                  [o.name for o in self._sess.get_outputs()], str(path))
+        n_mod = _check_step_meta(self.meta, str(path))
+        names_in, names_out = step_io_names(self.meta.n_layers)
+        got_in = [i.name for i in self._sess.get_inputs()]
+        got_out = [o.name for o in self._sess.get_outputs()]
+        if got_in != names_in or got_out != names_out:
+            raise invalid(str(path), "step graph inputs/outputs do not match its metadata",
+                          (got_in[:6], got_out[:4]), "re-export the model", kind=ModelFileError)
+        self._names_in, self._names_out = names_in, names_out
         self.batch = batch
-        self._state = _StepState(self.meta, batch)
+        self._ring = _Ring(self.meta, batch, n_mod)
         self.log_rates = np.zeros((batch, self.meta.n_units), dtype=np.float32)  # (B, N) of the last step
 
+    @property
+    def next_bin(self) -> int:
+        return self._ring.next_bin
+
     def reset(self) -> None:
-        self._state.reset()
+        self._ring.reset()
 
     def step(self, counts: np.ndarray) -> np.ndarray:
         """(B, N) counts of the newest bin -> (B, n_out) decodes; the state advances by one bin."""
         x = _check_counts(counts, self.meta, self.batch)
-        s = self._state
-        dec, rates, k, v = self._sess.run(
-            list(STEP_OUTPUTS), {"counts": x, "k_cache": s.k, "v_cache": s.v, "n_valid": s.n_valid}
-        )
-        s.k, s.v = k, v
-        s.advance()
-        self.log_rates = rates
-        return np.asarray(dec)
+        ring = self._ring
+        cos, sin = ring.tables()
+        feeds = dict(zip(self._names_in, [x, ring.key_bias, cos, sin, *ring.kv], strict=True))
+        outs = self._sess.run(self._names_out, feeds)
+        ring.write(outs[2:])
+        self.log_rates = outs[1]
+        return np.asarray(outs[0])
 
 
 class TorchScriptStepEngine:
@@ -144,48 +188,49 @@ class TorchScriptStepEngine:
         torch.set_num_threads(threads)
         extra = {f"{META_KEY}.json": ""}
         try:
-            self._module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+            with warnings.catch_warnings():  # TorchScript is a supported export format; its loader warns
+                warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated",
+                                        category=DeprecationWarning)
+                self._module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
         except Exception as err:  # torch raises RuntimeError/zipfile errors for corrupt archives
             raise invalid(str(path), "is not a readable TorchScript model (corrupt or truncated?)",
                           str(err)[:200], "export the model again", kind=ModelFileError) from err
         self._module.eval()
         self.meta = ModelMeta.from_json(extra[f"{META_KEY}.json"] or None, str(path))
-        if self.meta.graph != "step":
-            raise invalid(str(path), "is a window graph; serving needs a step graph", self.meta.graph,
-                          "export with --graph step", kind=ModelFileError)
+        n_mod = _check_step_meta(self.meta, str(path))
         self._torch = torch
         self._device = torch.device(device)
         self.batch = batch
-        shape = (self.meta.n_layers, batch, self.meta.n_heads, self.meta.context, self.meta.head_dim)
-        self._k = torch.zeros(shape, device=self._device)  # (L, B, H, C, Dh)
-        self._v = torch.zeros(shape, device=self._device)
-        self._n_valid = 0
+        self._ring = _Ring(self.meta, batch, n_mod)
+        self._kv = [torch.from_numpy(a).to(self._device) for a in self._ring.kv]
+        self._bias = torch.from_numpy(self._ring.key_bias).to(self._device)
         self.log_rates = np.zeros((batch, self.meta.n_units), dtype=np.float32)
 
+    @property
+    def next_bin(self) -> int:
+        return self._ring.next_bin
+
     def reset(self) -> None:
-        self._k.zero_()
-        self._v.zero_()
-        self._n_valid = 0
+        for t in self._kv:
+            t.zero_()
+        self._bias.fill_(float("-inf"))
+        self._ring.reset()
 
     def step(self, counts: np.ndarray) -> np.ndarray:
         torch = self._torch
+        ring = self._ring
         x = torch.from_numpy(_check_counts(counts, self.meta, self.batch)).to(self._device)
-        n_valid = torch.tensor([self._n_valid], dtype=torch.int64, device=self._device)
+        cos, sin = (torch.from_numpy(a).to(self._device) for a in ring.tables())
         with torch.inference_mode():
-            dec, rates, self._k, self._v = self._module(x, self._k, self._v, n_valid)
-        self._n_valid = min(self._n_valid + 1, self.meta.context)
-        self.log_rates = rates.float().cpu().numpy()
-        return np.asarray(dec.float().cpu().numpy())
-
-
-def _check_io(meta: ModelMeta, inputs: list[str], outputs: list[str], source: str) -> None:
-    want_in, want_out = (list(STEP_INPUTS), list(STEP_OUTPUTS)) if meta.graph == "step" else (None, None)
-    if meta.graph != "step":
-        raise invalid(source, "is a window graph; serving needs a step graph", meta.graph,
-                      "export with --graph step", kind=ModelFileError)
-    if inputs != want_in or outputs != want_out:
-        raise invalid(source, f"step graph must have inputs {want_in} and outputs {want_out}",
-                      (inputs, outputs), "re-export the model", kind=ModelFileError)
+            outs = self._module(x, self._bias, cos, sin, *self._kv)
+            if ring.ring_bins > 0:
+                lo = (ring.next_bin % ring.ring_bins) * ring.n_mod
+                for cache, new in zip(self._kv, outs[2:], strict=True):
+                    cache[:, :, lo:lo + ring.n_mod] = new
+                self._bias[:, lo:lo + ring.n_mod] = 0.0
+        ring.next_bin += 1
+        self.log_rates = outs[1].float().cpu().numpy()
+        return np.asarray(outs[0].float().cpu().numpy())
 
 
 def open_engine(path: Path, engine: str = "onnx", device: str = "cpu", threads: int = 1,

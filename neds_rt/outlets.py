@@ -65,7 +65,22 @@ def _push_with_stamps(outlet: Any, data: np.ndarray, stamps: np.ndarray) -> None
 # ---------------------------------------------------------------------------------------------- LSL
 
 
-class LSLBehaviorOutlet:
+class _LSLOutlet:
+    """What every neds-rt LSL outlet shares: consumer checks and closing."""
+
+    _outlet: Any
+
+    def wait_for_consumers(self, timeout: float) -> bool:
+        return bool(self._outlet.wait_for_consumers(timeout))
+
+    def have_consumers(self) -> bool:
+        return bool(self._outlet.have_consumers())
+
+    def close(self) -> None:
+        self._outlet = None
+
+
+class LSLBehaviorOutlet(_LSLOutlet):
     """LSL ``Behavior`` stream: one float32 sample per bin, timestamp = bin end, labelled channels."""
 
     def __init__(
@@ -96,17 +111,8 @@ class LSLBehaviorOutlet:
         self._buf[0, :] = v.reshape(-1)
         self._outlet.push_chunk(self._buf, timestamp=float(timestamp))
 
-    def wait_for_consumers(self, timeout: float) -> bool:
-        return bool(self._outlet.wait_for_consumers(timeout))
 
-    def have_consumers(self) -> bool:
-        return bool(self._outlet.have_consumers())
-
-    def close(self) -> None:
-        self._outlet = None
-
-
-class LSLSpikeOutlet:
+class LSLSpikeOutlet(_LSLOutlet):
     """LSL ``Spikes`` stream for replay: one int32 sample (unit index) per spike, stamped with its time."""
 
     def __init__(
@@ -137,17 +143,8 @@ class LSLSpikeOutlet:
             )
         _push_with_stamps(self._outlet, u, t)
 
-    def wait_for_consumers(self, timeout: float) -> bool:
-        return bool(self._outlet.wait_for_consumers(timeout))
 
-    def have_consumers(self) -> bool:
-        return bool(self._outlet.have_consumers())
-
-    def close(self) -> None:
-        self._outlet = None
-
-
-class LSLCountsOutlet:
+class LSLCountsOutlet(_LSLOutlet):
     """LSL ``SpikeCounts`` stream: one int32 sample per bin (one channel per unit), stamped at bin start."""
 
     def __init__(
@@ -171,11 +168,6 @@ class LSLCountsOutlet:
         c = np.ascontiguousarray(counts, dtype=np.int32).reshape(t.size, self.n_units)  # (m, N) int32
         _push_with_stamps(self._outlet, c, t)
 
-    def wait_for_consumers(self, timeout: float) -> bool:
-        return bool(self._outlet.wait_for_consumers(timeout))
-
-    def close(self) -> None:
-        self._outlet = None
 
 
 # ---------------------------------------------------------------------------------------------- ZMQ

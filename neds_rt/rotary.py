@@ -1,0 +1,17 @@
+"""Rotary position tables for one absolute bin index, computed in float64 (no torch: the runtime uses it)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rotary_step_tables(bin_index: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (head_dim,) float32 for ``bin_index`` (rotate-half convention), angles in float64.
+
+    Float64 angles keep relative positions exact for streams of any length: at bin 10**7 (55 hours) a
+    float32 angle would already be off by ~0.5 rad.
+    """
+    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = float(bin_index) * inv_freq
+    angles = np.concatenate([angles, angles])  # (head_dim,)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

@@ -1,0 +1,185 @@
+"""Exports describe themselves, match torch, and bad model files get clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neds_rt.engine import open_engine
+from neds_rt.errors import ConfigError, ModelFileError, StreamError
+from neds_rt.model_meta import META_KEY, ModelMeta
+from tests._models import export_tiny, tiny_streaming_model
+from training.export import export_model, weights_sha256
+from training.streaming import banded_recompute
+
+CONTEXT = 16
+
+
+@pytest.fixture(scope="module")
+def model():  # type: ignore[no-untyped-def]
+    return tiny_streaming_model(n_units=12)
+
+
+@pytest.fixture(scope="module")
+def files(model, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("export")
+    paths = {}
+    for fmt, ext in (("onnx", "onnx"), ("torchscript", "pt")):
+        for graph in ("step", "window"):
+            paths[f"{fmt}-{graph}"] = out / f"m_{graph}.{ext}"
+            export_model(model, model.eids[0], paths[f"{fmt}-{graph}"], fmt=fmt, graph=graph, context=CONTEXT)
+    return paths
+
+
+def _inputs(kind: str, n_bins: int) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    if kind == "random":
+        return rng.normal(0, 2, size=(1, n_bins, 12)).astype(np.float32)  # any float input, even negative
+    # realistic: Poisson counts at ~7 Hz per unit per 20 ms bin, with bursts
+    rates = rng.lognormal(np.log(0.14), 1.0, size=12)
+    return rng.poisson(rates, size=(1, n_bins, 12)).astype(np.float32)
+
+
+@pytest.mark.parametrize("engine", ["onnx", "torchscript"])
+@pytest.mark.parametrize("kind", ["random", "realistic"])
+def test_step_graph_equals_torch(model, files: dict[str, Path], engine: str, kind: str) -> None:  # type: ignore[no-untyped-def]
+    counts = _inputs(kind, 60)  # 60 steps: the 15-bin ring rolls over 4 times
+    with torch.no_grad():
+        ref_dec, ref_rates = (t.numpy() for t in banded_recompute(model, model.eids[0],
+                                                                  torch.from_numpy(counts), CONTEXT))
+    eng = open_engine(files[f"{engine}-step"], engine=engine)
+    for t in range(counts.shape[1]):
+        dec = eng.step(counts[0, t])
+        np.testing.assert_allclose(dec, ref_dec[:, t], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(eng.log_rates, ref_rates[:, t], atol=1e-4, rtol=0)
+    eng.reset()
+    np.testing.assert_allclose(eng.step(counts[0, 0]), ref_dec[:, 0], atol=1e-4, rtol=0)
+
+
+def test_window_graphs_equal_torch(model, files: dict[str, Path]) -> None:  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    counts = _inputs("realistic", CONTEXT)
+    with torch.no_grad():
+        ref_dec, _ = banded_recompute(model, model.eids[0], torch.from_numpy(counts), CONTEXT)
+    sess = ort.InferenceSession(str(files["onnx-window"]), providers=["CPUExecutionProvider"])
+    dec, _ = sess.run(None, {"counts": counts})
+    np.testing.assert_allclose(dec, ref_dec.numpy(), atol=1e-4, rtol=0)
+    ts = torch.jit.load(str(files["torchscript-window"]))
+    np.testing.assert_allclose(ts(torch.from_numpy(counts))[0].detach().numpy(), ref_dec.numpy(), atol=1e-4)
+
+
+def test_metadata_travels_inside_both_formats(model, files: dict[str, Path]) -> None:  # type: ignore[no-untyped-def]
+    for key in ("onnx-step", "torchscript-step"):
+        eng = open_engine(files[key], engine=key.split("-")[0])
+        meta = eng.meta
+        assert meta.graph == "step" and meta.mode == "streaming"
+        assert meta.bin_size == 0.02 and meta.context == CONTEXT
+        assert meta.session == model.eids[0]
+        assert meta.unit_ids == list(range(100, 112))
+        assert meta.regions[:5] == ["VISa", "CA1", "DG", "LP", "PO"]
+        assert [o.label for o in meta.outputs][:3] == ["wheel_speed", "whisker_motion_energy", "p_choice_cw"]
+        assert meta.normalisation == {"wheel_min": 0.0, "wheel_max": 3.0, "whisker_min": 1.0,
+                                      "whisker_max": 5.0}
+        assert meta.weights_sha256 == weights_sha256(model, model.eids[0])
+
+
+def test_probabilities_are_probabilities(files: dict[str, Path]) -> None:
+    eng = open_engine(files["onnx-step"])
+    for t in range(5):
+        dec = eng.step(_inputs("realistic", 5)[0, t])
+        assert 0.0 <= dec[0, 2] <= 1.0
+        assert abs(dec[0, 3:6].sum() - 1.0) < 1e-5
+
+
+def test_corrupt_and_truncated_files_are_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ModelFileError, match=r"garbage.onnx: is not a readable ONNX model"):
+        open_engine(garbage)
+    for key, engine in (("onnx-step", "onnx"), ("torchscript-step", "torchscript")):
+        data = files[key].read_bytes()
+        cut = tmp_path / f"cut_{files[key].name}"
+        cut.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ModelFileError, match=r"cut_.*(not a readable|truncated)"):
+            open_engine(cut, engine=engine)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelFileError, match="empty"):
+        open_engine(empty)
+    with pytest.raises(ModelFileError, match="does not exist"):
+        open_engine(tmp_path / "missing.onnx")
+
+
+def test_model_without_metadata_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    import onnx
+
+    proto = onnx.load(str(files["onnx-step"]))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    with pytest.raises(ModelFileError, match=r"bare.onnx: has no 'neds_rt' metadata"):
+        open_engine(bare)
+    proto.metadata_props.add(key=META_KEY, value='{"graph": "step"}')
+    partial = tmp_path / "partial.onnx"
+    onnx.save(proto, str(partial))
+    with pytest.raises(ModelFileError, match=r"partial.onnx: metadata lacks required keys"):
+        open_engine(partial)
+
+
+def test_window_graph_is_refused_for_serving(files: dict[str, Path]) -> None:
+    with pytest.raises(ModelFileError, match="window graph"):
+        open_engine(files["onnx-window"])
+    with pytest.raises(ModelFileError, match="window graph"):
+        open_engine(files["torchscript-window"], engine="torchscript")
+
+
+def test_wrong_input_shape_and_nan_are_clear_errors(files: dict[str, Path]) -> None:
+    eng = open_engine(files["onnx-step"])
+    with pytest.raises(StreamError, match=r"counts: must have shape \(B=1, N=12\)"):
+        eng.step(np.zeros(11, dtype=np.float32))
+    with pytest.raises(StreamError, match="must be finite"):
+        eng.step(np.full(12, np.nan, dtype=np.float32))
+
+
+def test_stream_with_other_units_is_refused(files: dict[str, Path]) -> None:
+    meta = open_engine(files["onnx-step"]).meta
+    meta.check_units(list(range(100, 112)), "spikes")  # the right units pass
+    with pytest.raises(StreamError, match=r"stream 'spikes' units.*missing from stream \[111\].*\[999\]"):
+        meta.check_units([*range(100, 111), 999], "spikes")
+    with pytest.raises(StreamError, match="different order"):
+        meta.check_units(list(range(111, 99, -1)), "spikes")
+
+
+def test_export_refuses_bad_requests(model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from training.config import NEDSConfig
+    from training.model import NEDS
+
+    offline = NEDS(NEDSConfig.preset("tiny"))
+    offline.add_session("x", 3)
+    with pytest.raises(ConfigError, match="step needs a streaming model"):
+        export_model(offline, "x", tmp_path / "o.onnx", graph="step")
+    with pytest.raises(ConfigError, match="--format"):
+        export_model(model, model.eids[0], tmp_path / "o.bin", fmt="tflite")
+    with pytest.raises(ModelFileError, match="not a session of this model"):
+        export_model(model, "nope", tmp_path / "o.onnx")
+
+
+def test_meta_json_round_trip() -> None:
+    meta_json = ModelMeta(
+        graph="step", mode="streaming", bin_size=0.02, context=100, session="e", unit_ids=[1, 2],
+        regions=["CA1", "DG"], outputs=[], normalisation={}, weights_sha256="0", n_layers=1, n_heads=1,
+        head_dim=2,
+    ).to_json()
+    with pytest.raises(ModelFileError, match="outputs"):
+        ModelMeta.from_json(meta_json, "m.onnx")  # no output channels
+    with pytest.raises(ModelFileError, match="not valid JSON"):
+        ModelMeta.from_json("{", "m.onnx")
+
+
+def test_export_tiny_helper_writes_a_loadable_file(tmp_path: Path) -> None:
+    path = export_tiny(tmp_path / "t.onnx")
+    assert open_engine(path).meta.n_units == 12

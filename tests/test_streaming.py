@@ -1,0 +1,63 @@
+"""Step inference equals a full causal (sliding-window) recompute, across context roll-over."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests._models import tiny_streaming_model
+from training.streaming import StepState, StreamingStep, banded_mask, banded_recompute, step
+
+
+def test_500_steps_equal_full_recompute_across_rollover() -> None:
+    model = tiny_streaming_model(n_units=10)
+    eid = model.eids[0]
+    context, n_steps = 24, 500  # the ring rolls over ~20 times
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.poisson(torch.full((2, n_steps, 10), 0.4), generator=gen)  # (B, T, N) two streams
+    with torch.no_grad():
+        ref_dec, ref_rates = banded_recompute(model, eid, counts, context)
+        state = StepState.empty(model, batch=2, context=context)
+        module = StreamingStep(model, eid)
+        worst = 0.0
+        for t in range(n_steps):
+            dec, rates = step(module, state, counts[:, t])
+            worst = max(worst, (dec - ref_dec[:, t]).abs().max().item(),
+                        (rates - ref_rates[:, t]).abs().max().item())
+    assert worst < 1e-4, worst
+    assert state.next_bin == n_steps
+
+
+def test_streaming_output_depends_only_on_the_last_context_bins() -> None:
+    """Changing a bin older than the context must not change the newest decode; a recent one must."""
+    model = tiny_streaming_model(n_units=6)
+    eid = model.eids[0]
+    counts = torch.poisson(torch.full((1, 40, 6), 0.5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        base, _ = banded_recompute(model, eid, counts, 8)
+        old = counts.clone()
+        old[0, 5] += 7.0  # more than 2 * 8 bins before the end: outside the 2-layer receptive field
+        recent = counts.clone()
+        recent[0, -3] += 7.0
+        d_old, _ = banded_recompute(model, eid, old, 8)
+        d_recent, _ = banded_recompute(model, eid, recent, 8)
+    assert torch.allclose(d_old[0, -1], base[0, -1], atol=1e-6)
+    assert not torch.allclose(d_recent[0, -1], base[0, -1], atol=1e-4)
+
+
+def test_banded_mask_is_causal_within_the_window() -> None:
+    mask = banded_mask(4, 2, torch.device("cpu"))  # 4 bins x 5 tokens
+    assert mask.shape == (20, 20)
+    assert bool(mask[5, 0]) and bool(mask[0, 4])  # bin 1 sees bin 0; tokens of bin 0 see each other
+    assert not bool(mask[0, 5])  # bin 0 never sees bin 1
+    assert not bool(mask[10, 0])  # bin 2 no longer sees bin 0 with a 2-bin context
+
+
+def test_step_needs_a_streaming_model() -> None:
+    from training.config import NEDSConfig
+    from training.model import NEDS
+
+    model = NEDS(NEDSConfig.preset("tiny"))
+    model.add_session("x", 3)
+    with pytest.raises(ValueError, match="streaming mode"):
+        StreamingStep(model, "x")

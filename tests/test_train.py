@@ -1,0 +1,243 @@
+"""Training: the loader, the one-cycle schedule, a short run that lowers the held-out masked loss, resume,
+fine-tuning, model selection and the errors (bad checkpoint, changed units, empty split, NaN loss)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neds_rt.errors import ConfigError, DataError, ModelFileError
+from training import train as train_mod
+from training.arrays import TEST, TRAIN, VAL, Normalisation, TrialArrays
+from training.checkpoint import load_checkpoint, read_checkpoint
+from training.config import NEDSConfig, TrainConfig
+from training.loader import check_splits, make_batch, plan_epoch
+from training.train import build_model, lr_at, masked_eval_loss, train
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def synthetic_arrays(
+    eid: str, n_trials: int = 60, n_units: int = 12, n_bins: int = 20, seed: int = 0
+) -> TrialArrays:
+    """A session whose spikes depend on wheel, whisker, choice and block (Poisson counts per bin)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_bins) / n_bins  # (T,) trial time, 0..1
+    choice = rng.integers(0, 2, n_trials)  # (K,)
+    block = rng.integers(0, 3, n_trials)  # (K,)
+    onset = rng.uniform(0.3, 0.5, n_trials)  # (K,) movement onset, share of the window
+    bump = np.exp(-(((t[None, :] - onset[:, None] - 0.15) / 0.1) ** 2))  # (K, T)
+    wheel = (0.5 + 0.4 * (2 * choice[:, None] - 1) * bump).astype(np.float32)  # (K, T) scaled wheel speed
+    whisker = np.cumsum(rng.normal(0, 0.1, (n_trials, n_bins)), axis=1)  # (K, T) random walk
+    whisker = ((whisker - whisker.min()) / np.ptp(whisker)).astype(np.float32)
+    gains = rng.normal(0, 1.0, (4, n_units))  # (4, N) tuning to wheel, whisker, choice, block
+    base = np.log(rng.uniform(0.2, 0.8, n_units))  # (N,) log counts per bin
+    log_rate = (
+        base[None, None, :]
+        + gains[0] * (wheel[..., None] - 0.5) * 2
+        + gains[1] * (whisker[..., None] - 0.5)
+        + gains[2] * (choice[:, None, None] - 0.5)
+        + gains[3] * (block[:, None, None] - 1.0) * 0.5
+    )  # (K, T, N)
+    spikes = rng.poisson(np.exp(log_rate)).astype(np.uint16)  # (K, T, N) counts per bin
+    split = np.zeros(n_trials, dtype=np.int8)  # (K,) 70 / 15 / 15 per cent
+    split[int(0.7 * n_trials) : int(0.85 * n_trials)] = VAL
+    split[int(0.85 * n_trials) :] = TEST
+    return TrialArrays(
+        eid=eid, probe="probe00", unit_ids=np.arange(100, 100 + n_units, dtype=np.int64),
+        regions=np.array(["VISp", "CA1", "LP"] * n_units)[:n_units], spikes=spikes, wheel=wheel,
+        whisker=whisker, choice=choice.astype(np.int64), block=block.astype(np.int64),
+        trial_index=np.arange(n_trials, dtype=np.int64) * 2, window_start=np.arange(n_trials) * 3.0,
+        split=split, norm=Normalisation(0.0, 10.0, 0.0, 5.0),
+    )
+
+
+def tiny_cfg(**kw: object) -> NEDSConfig:
+    return NEDSConfig.preset("tiny", n_bins=20, **kw)  # type: ignore[arg-type]
+
+
+def quick(**kw: object) -> TrainConfig:
+    base: dict[str, object] = dict(epochs=2, batch_size=8, lr=3e-3, progress=False, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+EIDS = ("aaaaaaaa-0000-4000-8000-000000000001", "bbbbbbbb-0000-4000-8000-000000000002")
+
+
+def test_plan_covers_every_train_trial_once_per_epoch() -> None:
+    arrays = {e: synthetic_arrays(e, n_trials=50, seed=i) for i, e in enumerate(EIDS)}
+    plan = plan_epoch(arrays, TRAIN, batch_size=8, seed=3, epoch=0)
+    for eid in EIDS:
+        rows = np.concatenate([r for e, r in plan if e == eid])
+        assert sorted(rows.tolist()) == arrays[eid].subset(TRAIN).tolist()
+    assert all(r.size <= 8 for _, r in plan)
+    assert [r.tolist() for _, r in plan_epoch(arrays, TRAIN, 8, 3, 1)] != [r.tolist() for _, r in plan]
+
+
+def test_plan_ranks_share_sessions_and_split_trials() -> None:
+    arrays = {e: synthetic_arrays(e, n_trials=41, seed=i) for i, e in enumerate(EIDS)}
+    p0 = plan_epoch(arrays, TRAIN, 4, seed=1, epoch=2, rank=0, world=2)
+    p1 = plan_epoch(arrays, TRAIN, 4, seed=1, epoch=2, rank=1, world=2)
+    assert [e for e, _ in p0] == [e for e, _ in p1]  # lockstep: same session every step
+    for (_, a), (_, b) in zip(p0, p1, strict=True):
+        assert a.size >= 1 and b.size >= 1
+        assert not set(a.tolist()) & set(b.tolist())  # 28 train trials: no wrap-around padding
+    for eid in EIDS:
+        got = np.concatenate([r for e, r in p0 + p1 if e == eid])
+        assert set(got.tolist()) == set(arrays[eid].subset(TRAIN).tolist())
+
+
+def test_make_batch_shapes() -> None:
+    arr = synthetic_arrays(EIDS[0])
+    b = make_batch(arr, np.array([0, 3, 5]))
+    assert b.spikes.shape == (3, 20, 12) and b.spikes.dtype == torch.float32
+    assert b.wheel.shape == (3, 20) and b.choice.dtype == torch.int64
+    assert b.trial_index.tolist() == [0, 6, 10]
+
+
+def test_one_cycle_schedule_warms_up_then_decays() -> None:
+    cfg = TrainConfig(lr=1e-3, warmup_frac=0.1, final_lr_frac=0.01)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    peak = int(np.argmax(lrs))
+    assert 5 <= peak <= 11 and max(lrs) == pytest.approx(1e-3)
+    assert all(a <= b for a, b in itertools.pairwise(lrs[: peak + 1]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[peak:]))
+    assert lrs[-1] == pytest.approx(1e-5, rel=0.05)
+
+
+def test_training_lowers_heldout_masked_loss_and_writes_run(tmp_path: Path) -> None:
+    arrays = {e: synthetic_arrays(e, n_trials=80, seed=i) for i, e in enumerate(EIDS)}
+    cfg = tiny_cfg()
+    before = masked_eval_loss(build_model(cfg, arrays, seed=0), arrays, VAL)
+    res = train(arrays, tmp_path / "run", cfg, quick(epochs=4))
+    after = masked_eval_loss(res.model, arrays, VAL)
+    assert after < before
+    assert {"best.pt", "last.pt", "metrics.json"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert doc["sessions"] == sorted(EIDS) and len(doc["history"]) == 4
+    assert doc["history"][-1]["val_loss"] == pytest.approx(after, rel=1e-5)
+    assert set(doc["history"][0]["val"]["mean"]) >= {"bits_per_spike", "wheel_r2", "choice_bacc", "score"}
+    best = max(h["val"]["score"] for h in doc["history"])
+    assert doc["best"]["score"] == pytest.approx(best)
+    ck = read_checkpoint(tmp_path / "run" / "best.pt")
+    assert ck["best_score"] == pytest.approx(best) and ck["epoch"] == doc["best"]["epoch"]
+    model = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert set(model.eids) == set(EIDS)
+    assert model.vocab[EIDS[0]].unit_ids.tolist() == arrays[EIDS[0]].unit_ids.tolist()
+    assert model.vocab[EIDS[1]].norm == arrays[EIDS[1]].norm
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+def test_resume_continues_where_the_run_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    arrays = [synthetic_arrays(EIDS[0], n_trials=40)]
+    full = train(arrays, tmp_path / "full", tiny_cfg(dropout=0.0), quick(epochs=2))
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        if args[4] == 1:  # the second epoch: the run is killed after epoch 1 was checkpointed
+            raise KeyboardInterrupt
+        return plan_epoch(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_mod, "plan_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(arrays, tmp_path / "part", tiny_cfg(dropout=0.0), quick(epochs=2))
+    monkeypatch.undo()
+    assert read_checkpoint(tmp_path / "part" / "last.pt")["epoch"] == 1
+    resumed = train(arrays, tmp_path / "part", tiny_cfg(dropout=0.0), quick(epochs=2), resume=True)
+    assert resumed.steps == full.steps
+    assert len(resumed.history) == 2
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_keeps_shared_weights_and_rebuilds_session_layers(tmp_path: Path) -> None:
+    pre = train([synthetic_arrays(EIDS[0], seed=0)], tmp_path / "pre", tiny_cfg(), quick(epochs=1))
+    new = synthetic_arrays("cccccccc-0000-4000-8000-000000000003", n_units=7, seed=5)
+    shared_before = {k: v.clone() for k, v in pre.model.shared_parameters().items()}
+    res = train([new], tmp_path / "ft", None, quick(epochs=1, max_steps=1, lr=1e-9),
+                finetune_from=tmp_path / "pre" / "best.pt")
+    assert res.model.eids == [new.eid] and res.model.session(new.eid).n_units == 7
+    assert res.model.cfg.mask_ratio == pytest.approx(0.1)
+    for k, v in res.model.shared_parameters().items():  # a 1e-9 lr step leaves them where they were
+        torch.testing.assert_close(v.detach(), shared_before[k], rtol=0, atol=1e-6)
+    assert load_checkpoint(tmp_path / "ft" / "best.pt").eids == [new.eid]
+
+
+def test_checkpoint_from_another_config_names_file_and_key(tmp_path: Path) -> None:
+    train([synthetic_arrays(EIDS[0])], tmp_path / "run", tiny_cfg(), quick(epochs=1, max_steps=2))
+    other = tiny_cfg(hidden=48, heads=4)
+    with pytest.raises(ModelFileError, match=r"best\.pt.*weight '.*' has shape"):
+        train([synthetic_arrays(EIDS[1])], tmp_path / "ft", other, quick(epochs=1),
+              finetune_from=tmp_path / "run" / "best.pt")
+    with pytest.raises(ModelFileError, match=r"last\.pt.*lacks weight 'blocks\.2\."):
+        train([synthetic_arrays(EIDS[0])], tmp_path / "run", tiny_cfg(layers=3), quick(epochs=2), resume=True)
+
+
+def test_bad_checkpoint_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelFileError, match="cannot be read"):
+        load_checkpoint(junk)
+    torch.save({"hello": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(ModelFileError, match="is not a 'neds-rt checkpoint'"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_session_with_other_units_than_checkpoint(tmp_path: Path) -> None:
+    arr = synthetic_arrays(EIDS[0])
+    train([arr], tmp_path / "run", tiny_cfg(), quick(epochs=1, max_steps=2))
+    moved = replace(arr, unit_ids=arr.unit_ids + 1)
+    with pytest.raises(DataError, match=f"session {EIDS[0]}: has units that differ.*column 0: unit 101"):
+        train([moved], tmp_path / "run", tiny_cfg(), quick(epochs=2), resume=True)
+    fewer = replace(arr, unit_ids=arr.unit_ids[:5], spikes=arr.spikes[:, :, :5], regions=arr.regions[:5])
+    with pytest.raises(DataError, match="5 units, checkpoint has 12"):
+        train([fewer], tmp_path / "run", tiny_cfg(), quick(epochs=2), resume=True)
+
+
+def test_empty_split_is_an_error(tmp_path: Path) -> None:
+    arr = synthetic_arrays(EIDS[0])
+    no_val = replace(arr, split=np.where(arr.split == VAL, TEST, arr.split).astype(np.int8))
+    with pytest.raises(DataError, match=f"session {EIDS[0]}: has no trial in the 'val' split"):
+        train([no_val], tmp_path / "run", tiny_cfg(), quick())
+    with pytest.raises(DataError, match="'train' split"):
+        check_splits({arr.eid: replace(arr, split=np.full_like(arr.split, VAL))}, (TRAIN,))
+    with pytest.raises(DataError, match="at least one session"):
+        train([], tmp_path / "run", tiny_cfg(), quick())
+
+
+def test_nan_loss_stops_with_step_and_trials(tmp_path: Path) -> None:
+    arr = synthetic_arrays(EIDS[0])
+    wheel = arr.wheel.copy()
+    wheel[5] = np.nan  # one bad trial (array row 5 = trial 10)
+    bad = replace(arr, wheel=wheel)
+    with pytest.raises(DataError, match=r"not finite at step \d+ on session .*trials \[.*\b10\b.*\]"):
+        train([bad], tmp_path / "run", tiny_cfg(), quick(epochs=3))
+
+
+def test_bins_mismatch_and_bad_train_config(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="20 bins per trial"):
+        train([synthetic_arrays(EIDS[0])], tmp_path / "run", NEDSConfig.preset("tiny"), quick())
+    with pytest.raises(ConfigError, match=r"TrainConfig\.batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        train([synthetic_arrays(EIDS[0])], tmp_path / "run", tiny_cfg(), quick(), resume=True,
+              finetune_from=tmp_path / "x.pt")

@@ -1,0 +1,133 @@
+"""Sizes of the NEDS model and of a training run, as dataclasses (checkpoints save them with ``asdict``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Final, Literal
+
+from neds_rt.errors import ConfigError, invalid
+
+MODES: Final = ("offline", "streaming")
+PRESETS: Final = ("tiny", "small", "default")
+
+# Depth by number of pretraining sessions. The paper keeps 5 layers for small multi-session runs (up to 10
+# sessions) and uses deeper models for the full multi-animal pretraining; the larger steps are ours.
+_DEPTH_BY_SESSIONS: Final = ((10, 5), (40, 8), (10**9, 12))
+
+
+@dataclass
+class NEDSConfig:
+    """Sizes and mode of a NEDS model; the defaults are the paper's (hidden 256, 8 heads, MLP 512, 5 layers).
+
+    ``mode="offline"`` attends both ways over a trial window (the paper); ``mode="streaming"`` makes attention
+    causal over bins (a token sees its own bin and earlier ones) and drops the absolute time embedding, so
+    only rotary (relative) positions remain and the context can roll.
+    """
+
+    hidden: int = 256
+    heads: int = 8
+    mlp: int = 512
+    layers: int = 5
+    dropout: float = 0.1
+    n_bins: int = 100  # tokens per modality = 20 ms bins in a window
+    bin_size: float = 0.02  # seconds
+    mask_ratio: float = 0.3  # 0.3 pretraining, 0.1 fine-tuning
+    mode: Literal["offline", "streaming"] = "offline"
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "heads", "mlp", "layers", "n_bins"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise invalid(f"NEDSConfig.{name}", "must be an integer >= 1", value, kind=ConfigError)
+        if self.hidden % self.heads:
+            raise invalid("NEDSConfig.hidden", f"must be divisible by heads={self.heads}", self.hidden,
+                          "pick hidden = heads * head size", kind=ConfigError)
+        if (self.hidden // self.heads) % 2:
+            raise invalid("NEDSConfig.hidden", "hidden / heads must be even for rotary positions",
+                          self.hidden // self.heads, kind=ConfigError)
+        if not 0.0 <= self.dropout < 1.0:
+            raise invalid("NEDSConfig.dropout", "must be in [0, 1)", self.dropout, kind=ConfigError)
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise invalid("NEDSConfig.mask_ratio", "must be in (0, 1)", self.mask_ratio,
+                          "use 0.3 to pretrain and 0.1 to fine-tune", kind=ConfigError)
+        if self.mode not in MODES:
+            raise invalid("NEDSConfig.mode", f"must be one of {MODES}", self.mode, kind=ConfigError)
+        if self.bin_size <= 0:
+            raise invalid("NEDSConfig.bin_size", "must be > 0 seconds", self.bin_size, kind=ConfigError)
+
+    @property
+    def causal(self) -> bool:
+        return self.mode == "streaming"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> NEDSConfig:
+        """Rebuild from ``asdict`` output; unknown keys are an error naming ``source``."""
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(data) - known)
+        if extra:
+            raise invalid(source, "holds NEDSConfig keys this version does not know", extra,
+                          "use a checkpoint written by this version of neds-rt", kind=ConfigError)
+        return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str = "default", n_sessions: int = 1, **overrides: Any) -> NEDSConfig:
+        """``tiny`` (tests), ``small`` (laptops), ``default`` (paper; deeper for more sessions)."""
+        if name not in PRESETS:
+            raise invalid("preset", f"must be one of {PRESETS}", name, kind=ConfigError)
+        if n_sessions < 1:
+            raise invalid("n_sessions", "must be >= 1", n_sessions, kind=ConfigError)
+        if name == "tiny":
+            base: dict[str, Any] = dict(hidden=32, heads=4, mlp=64, layers=2, dropout=0.0)
+        elif name == "small":
+            base = dict(hidden=128, heads=4, mlp=256, layers=3)
+        else:
+            base = dict(layers=layers_for_sessions(n_sessions))
+        base.update(overrides)
+        return cls(**base)
+
+
+def layers_for_sessions(n_sessions: int) -> int:
+    """Transformer depth for a pretraining run over ``n_sessions`` sessions (5 up to 10 sessions)."""
+    for limit, depth in _DEPTH_BY_SESSIONS:
+        if n_sessions <= limit:
+            return depth
+    return _DEPTH_BY_SESSIONS[-1][1]
+
+
+@dataclass
+class TrainConfig:
+    """One training run: optimiser, schedule, batching and evaluation."""
+
+    epochs: int = 10
+    batch_size: int = 16  # trials per step per process (one session per step)
+    lr: float = 1e-3  # peak learning rate of the one-cycle schedule
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1  # share of steps spent warming up linearly, then cosine down
+    final_lr_frac: float = 0.01  # lr at the last step, as a share of the peak
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    seed: int = 0
+    max_steps: int = 0  # stop after this many steps (0: run every epoch)
+    eval_batch_size: int = 32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True  # progress bar on rank 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise invalid(f"TrainConfig.{name}", "must be an integer >= 1", value, kind=ConfigError)
+        if self.max_steps < 0:
+            raise invalid("TrainConfig.max_steps", "must be >= 0 (0: no limit)", self.max_steps,
+                          kind=ConfigError)
+        if self.lr <= 0:
+            raise invalid("TrainConfig.lr", "must be > 0", self.lr, kind=ConfigError)
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise invalid("TrainConfig.warmup_frac", "must be in [0, 1)", self.warmup_frac, kind=ConfigError)
+        if not 0.0 < self.final_lr_frac <= 1.0:
+            raise invalid("TrainConfig.final_lr_frac", "must be in (0, 1]", self.final_lr_frac,
+                          kind=ConfigError)

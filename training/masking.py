@@ -1,0 +1,130 @@
+"""Multi-task masking (the paper's training signal) and the masked losses.
+
+For each trial of a batch one scheme is drawn:
+
+- ``ENCODING``: every spike token masked (predict spikes from behaviour);
+- ``DECODING``: every behaviour token masked (predict behaviour from spikes);
+- ``WITHIN``: one modality drawn at random, and a random ``ratio`` of its bins masked;
+- ``CROSS``: the same random ``ratio`` of bins masked in every continuous modality (spikes, wheel, whisker).
+
+Choice and block are one class repeated in every bin, so a partly masked discrete modality would leak its
+answer through the visible bins: a discrete modality is always masked whole. In ``WITHIN`` it is masked whole
+when drawn; in ``CROSS`` each discrete modality is masked whole with probability ``ratio``.
+
+A mask is a (B, M, T) bool tensor, True = the token is hidden from the model and its loss counts. Losses are
+computed on masked tokens only.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Final
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from neds_rt.errors import ConfigError, invalid
+from training.model import BEHAVIOUR, BLOCK, CHOICE, DISCRETE, MODALITIES, N_MODALITIES, SPIKES, NEDSOutput
+from training.model import trial_logits as _trial_logits
+
+EVAL_KINDS: Final = ("encoding", "decoding")
+
+
+class Scheme(IntEnum):
+    ENCODING = 0
+    DECODING = 1
+    WITHIN = 2
+    CROSS = 3
+
+
+ALL_SCHEMES: Final = tuple(Scheme)
+_CONTINUOUS_ALL: Final = tuple(m for m in range(N_MODALITIES) if m not in DISCRETE)
+
+
+def _random_bins(batch: int, n_bins: int, ratio: float, gen: torch.Generator) -> Tensor:
+    """(B, T) bool with exactly max(1, round(ratio * T)) True bins per row, placed at random."""
+    k = max(1, round(ratio * n_bins))
+    scores = torch.rand(batch, n_bins, generator=gen)  # (B, T)
+    rank = scores.argsort(dim=1).argsort(dim=1)  # (B, T) rank of each bin's score
+    return rank < k
+
+
+def draw_masks(
+    batch: int,
+    n_bins: int,
+    ratio: float,
+    gen: torch.Generator,
+    schemes: tuple[Scheme, ...] = ALL_SCHEMES,
+) -> tuple[Tensor, Tensor]:
+    """Draw one scheme per trial: (mask (B, M, T) bool, scheme (B,) int64), on the CPU, from ``gen``."""
+    if not 0.0 < ratio < 1.0:
+        raise invalid("mask ratio", "must be in (0, 1)", ratio, "use 0.3 to pretrain, 0.1 to fine-tune",
+                      kind=ConfigError)
+    if not schemes:
+        raise invalid("schemes", "must name at least one masking scheme", schemes, kind=ConfigError)
+    choice = torch.randint(len(schemes), (batch,), generator=gen)  # (B,) index into schemes
+    scheme = torch.tensor([int(s) for s in schemes], dtype=torch.int64)[choice]  # (B,)
+    bins = _random_bins(batch, n_bins, ratio, gen)  # (B, T)
+    within_mod = torch.randint(N_MODALITIES, (batch,), generator=gen)  # (B,) modality for WITHIN
+    discrete_hit = torch.rand(batch, len(DISCRETE), generator=gen) < ratio  # (B, 2) for CROSS
+    mask = torch.zeros(batch, N_MODALITIES, n_bins, dtype=torch.bool)  # (B, M, T)
+    for i in range(batch):
+        s = int(scheme[i])
+        if s == Scheme.ENCODING:
+            mask[i, SPIKES] = True
+        elif s == Scheme.DECODING:
+            mask[i, list(BEHAVIOUR)] = True
+        elif s == Scheme.WITHIN:
+            m = int(within_mod[i])
+            mask[i, m] = True if m in DISCRETE else bins[i]
+        else:
+            mask[i, list(_CONTINUOUS_ALL)] = bins[i]
+            for j, m in enumerate(DISCRETE):
+                mask[i, m] = bool(discrete_hit[i, j])
+    return mask, scheme
+
+
+def eval_mask(kind: str, batch: int, n_bins: int) -> Tensor:
+    """Evaluation mask (B, M, T): ``encoding`` hides all spikes; ``decoding`` hides all behaviour."""
+    if kind not in EVAL_KINDS:
+        raise invalid("evaluation mask", f"must be one of {EVAL_KINDS}", kind, kind=ConfigError)
+    mask = torch.zeros(batch, N_MODALITIES, n_bins, dtype=torch.bool)
+    if kind == "encoding":
+        mask[:, SPIKES] = True
+    else:
+        mask[:, list(BEHAVIOUR)] = True
+    return mask
+
+
+def masked_losses(
+    out: NEDSOutput,
+    spikes: Tensor,
+    wheel: Tensor,
+    whisker: Tensor,
+    choice: Tensor,
+    block: Tensor,
+    mask: Tensor,
+) -> dict[str, Tensor]:
+    """Per-modality mean loss over masked tokens, plus ``total`` (their sum); modalities with nothing masked
+    are left out. Spikes: Poisson NLL of log-rates; wheel/whisker: MSE; choice/block: cross-entropy of the
+    trial logits (mean of per-bin logits) over trials whose modality is masked."""
+    losses: dict[str, Tensor] = {}
+    m_spk = mask[:, SPIKES]  # (B, T)
+    if m_spk.any():
+        # (B, T, N) Poisson negative log-likelihood of the counts, without the log k! term
+        nll = F.poisson_nll_loss(out.spikes, spikes, log_input=True, full=False, reduction="none")
+        losses["spikes"] = nll[m_spk].mean()
+    for idx, pred, true in ((1, out.wheel, wheel), (2, out.whisker, whisker)):
+        m = mask[:, idx]  # (B, T)
+        if m.any():
+            losses[MODALITIES[idx]] = F.mse_loss(pred[m], true[m])
+    for idx, logits, labels in ((CHOICE, out.choice, choice), (BLOCK, out.block, block)):
+        rows = mask[:, idx].any(dim=1)  # (B,) trials whose class is hidden
+        if rows.any():
+            losses[MODALITIES[idx]] = F.cross_entropy(_trial_logits(logits)[rows], labels[rows])
+    if not losses:
+        raise invalid("mask", "hides no token, so there is no loss", tuple(mask.shape),
+                      "draw masks with draw_masks or eval_mask", kind=ConfigError)
+    losses["total"] = torch.stack(list(losses.values())).sum()
+    return losses

@@ -1,0 +1,477 @@
+"""Training NEDS: single-session, multi-session pretraining, fine-tuning on a held-out session, resume, DDP.
+
+- AdamW with a one-cycle schedule (linear warm-up, then cosine down to ``final_lr_frac`` of the peak);
+- one session per step; multi-task masks drawn per trial (:mod:`training.masking`);
+- after each epoch (rank 0): validation metrics with the evaluation masks (encoding -> bits/spike, decoding ->
+  wheel R², whisker R², choice and block balanced accuracy), their average is the model-selection score, and
+  the masked validation loss; ``best.pt`` keeps the best score, ``last.pt`` the latest state (for resume);
+  ``metrics.json`` the history.
+- Fine-tuning (``finetune_from``) keeps the checkpoint's shared transformer and embeddings and builds new
+  stitching layers, session embedding and heads for the sessions trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from torch import nn
+
+from neds_rt.errors import ConfigError, DataError, invalid
+from training import metrics as _metrics
+from training.arrays import SPLITS, TRAIN, VAL, TrialArrays
+from training.checkpoint import (
+    check_vocab,
+    config_of,
+    load_state_checked,
+    read_checkpoint,
+    save_checkpoint,
+    sessions_of,
+    vocab_from_arrays,
+)
+from training.config import NEDSConfig, TrainConfig
+from training.distributed import DistInfo, all_mean, barrier, init_distributed, shutdown, wrap
+from training.loader import Batch, check_splits, iter_batches, make_batch, plan_epoch
+from training.masking import draw_masks, eval_mask, masked_losses
+from training.model import NEDS, count_parameters, trial_logits
+
+log = logging.getLogger(__name__)
+
+FINETUNE_MASK_RATIO: Final = 0.1
+METRIC_NAMES: Final = ("bits_per_spike", "wheel_r2", "whisker_r2", "choice_bacc", "block_bacc")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    model: NEDS
+    best_score: float
+    best_epoch: int
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    trials_per_s: float = float("nan")
+
+
+# ---- schedule and model --------------------------------------------------------------------------
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """One-cycle learning rate of ``step`` (0-based) out of ``total``: linear warm-up, then cosine decay."""
+    total = max(total, 1)
+    warm = max(1, round(cfg.warmup_frac * total)) if cfg.warmup_frac > 0 else 0
+    low = cfg.lr * cfg.final_lr_frac
+    if step < warm:
+        return low + (cfg.lr - low) * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_model(cfg: NEDSConfig, arrays: Mapping[str, TrialArrays], seed: int = 0) -> NEDS:
+    """A fresh NEDS with one set of session layers per session of ``arrays`` (seeded: same on every rank)."""
+    torch.manual_seed(seed)
+    model = NEDS(cfg)
+    for eid in sorted(arrays):
+        arr = arrays[eid]
+        mods = model.add_session(eid, arr.n_units, vocab_from_arrays(arr))
+        _init_rate_bias(mods.spikes_out, arr)
+    return model
+
+
+@torch.no_grad()
+def _init_rate_bias(head: nn.Linear, arr: TrialArrays) -> None:
+    """Start the spike head at the null model: bias = log mean count per bin of each unit (train trials)."""
+    rows = arr.subset(TRAIN)
+    if rows.size == 0:
+        return
+    mean = arr.spikes[rows].mean(axis=(0, 1), dtype=np.float64)  # (N,) mean count per bin
+    head.bias.copy_(torch.from_numpy(np.log(np.maximum(mean, 1e-3))).to(head.bias))
+
+
+def _as_mapping(arrays: Mapping[str, TrialArrays] | Sequence[TrialArrays]) -> dict[str, TrialArrays]:
+    items = list(arrays.values()) if isinstance(arrays, Mapping) else list(arrays)
+    if not items:
+        raise invalid("sessions", "must hold at least one session to train on", 0,
+                      "pass --sessions EID,... or --sessions all with a cache that has sessions",
+                      kind=DataError)
+    out: dict[str, TrialArrays] = {}
+    for arr in items:
+        if arr.eid in out:
+            raise invalid("sessions", "must not list a session twice", arr.eid, kind=DataError)
+        out[arr.eid] = arr
+    return out
+
+
+def _check_bins(cfg: NEDSConfig, arrays: Mapping[str, TrialArrays]) -> None:
+    for eid, arr in arrays.items():
+        if arr.n_bins != cfg.n_bins:
+            raise invalid(f"session {eid}", f"has {arr.n_bins} bins per trial but the model has n_bins",
+                          arr.n_bins, f"build the arrays with {cfg.n_bins} bins or set NEDSConfig.n_bins",
+                          kind=DataError)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "embed" not in name and "mask_token" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _finetune_model(
+    path: Path, arrays: Mapping[str, TrialArrays], model_cfg: NEDSConfig | None, mask_ratio: float | None,
+    seed: int,
+) -> NEDS:
+    """Shared weights from the checkpoint, new session layers for ``arrays``' sessions."""
+    ckpt = read_checkpoint(path)
+    cfg = model_cfg or config_of(ckpt, path)
+    cfg = replace(cfg, mask_ratio=mask_ratio if mask_ratio is not None else FINETUNE_MASK_RATIO)
+    model = build_model(cfg, arrays, seed)
+    load_state_checked(model, ckpt["state_dict"], path, skip=("sessions.",))
+    log.info("fine-tuning from %s: shared weights kept, session layers rebuilt for %s", path, sorted(arrays))
+    return model
+
+
+def _resume_model(
+    path: Path, arrays: Mapping[str, TrialArrays], model_cfg: NEDSConfig | None
+) -> tuple[NEDS, dict[str, Any]]:
+    ckpt = read_checkpoint(path)
+    cfg = model_cfg or config_of(ckpt, path)
+    vocabs = {v.eid: v for v in sessions_of(ckpt)}
+    for eid, arr in arrays.items():
+        if eid not in vocabs:
+            raise invalid(f"session {eid}", f"is not in checkpoint {path}", sorted(vocabs),
+                          "resume with the sessions the run started with", kind=DataError)
+        check_vocab(vocabs[eid], arr, path)
+    model = NEDS(cfg)
+    for eid in sorted(vocabs):
+        model.add_session(eid, vocabs[eid].n_units, vocabs[eid])
+    load_state_checked(model, ckpt["state_dict"], path)
+    return model, ckpt
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+def _model_of(model: nn.Module) -> NEDS:
+    inner = getattr(model, "module", model)
+    assert isinstance(inner, NEDS)
+    return inner
+
+
+def _forward(model: nn.Module, batch: Batch, mask: torch.Tensor) -> Any:
+    return model(batch.eid, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block, mask)
+
+
+def _safe(fn: Any, *args: Any, **kwargs: Any) -> float:
+    """A metric, or NaN when it is undefined on this data (e.g. a constant target)."""
+    try:
+        return float(fn(*args, **kwargs))
+    except DataError as err:
+        log.debug("metric %s undefined: %s", getattr(fn, "__name__", fn), err)
+        return float("nan")
+
+
+@torch.no_grad()
+def evaluate_session(
+    model: NEDS, arr: TrialArrays, split: int = VAL, batch_size: int = 32, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """The paper's metrics on one session's ``split``: encoding mask -> bits/spike; decoding mask -> wheel and
+    whisker R², choice and block balanced accuracy; ``score`` = their mean (NaN metrics left out)."""
+    rows = arr.subset(split)
+    if rows.size == 0:
+        raise invalid(f"session {arr.eid}", f"has no trial in the {SPLITS[split]!r} split", 0,
+                      "check the split fractions", kind=DataError)
+    was_training = model.training
+    model.eval()
+    log_rates, wheel, whisker, choice, block = [], [], [], [], []
+    for start in range(0, rows.size, batch_size):
+        batch = make_batch(arr, rows[start : start + batch_size], device)
+        b, t = batch.size, batch.spikes.shape[1]
+        enc = _forward(model, batch, eval_mask("encoding", b, t).to(device))
+        dec = _forward(model, batch, eval_mask("decoding", b, t).to(device))
+        log_rates.append(enc.spikes.cpu().numpy())  # (B, T, N)
+        wheel.append(dec.wheel.cpu().numpy())  # (B, T)
+        whisker.append(dec.whisker.cpu().numpy())  # (B, T)
+        choice.append(trial_logits(dec.choice).argmax(-1).cpu().numpy())  # (B,)
+        block.append(trial_logits(dec.block).argmax(-1).cpu().numpy())  # (B,)
+    model.train(was_training)
+    train_rows = arr.subset(TRAIN)
+    null = arr.spikes[train_rows].mean(axis=(0, 1)) if train_rows.size else None  # (N,) mean count per bin
+    counts = arr.spikes[rows]  # (K, T, N)
+    result = {
+        "bits_per_spike": _safe(_metrics.bits_per_spike_from_log, np.concatenate(log_rates), counts,
+                                null_rates=null),
+        "wheel_r2": _safe(_metrics.r2, np.concatenate(wheel), arr.wheel[rows]),
+        "whisker_r2": _safe(_metrics.r2, np.concatenate(whisker), arr.whisker[rows]),
+        "choice_bacc": _safe(_metrics.balanced_accuracy, np.concatenate(choice), arr.choice[rows]),
+        "block_bacc": _safe(_metrics.balanced_accuracy, np.concatenate(block), arr.block[rows]),
+    }
+    values = [v for v in result.values() if math.isfinite(v)]
+    result["score"] = float(np.mean(values)) if values else float("nan")
+    return result
+
+
+@torch.no_grad()
+def masked_eval_loss(
+    model: NEDS,
+    arrays: Mapping[str, TrialArrays],
+    split: int = VAL,
+    ratio: float | None = None,
+    seed: int = 1234,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Mean multi-task masked loss over ``split`` trials with masks from a fixed seed (comparable across
+    checkpoints): the held-out version of the training objective."""
+    gen = torch.Generator().manual_seed(seed)
+    ratio = model.cfg.mask_ratio if ratio is None else ratio
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for eid in sorted(arrays):
+        arr = arrays[eid]
+        rows = arr.subset(split)
+        for start in range(0, rows.size, batch_size):
+            batch = make_batch(arr, rows[start : start + batch_size], device)
+            mask, _ = draw_masks(batch.size, batch.spikes.shape[1], ratio, gen)
+            out = _forward(model, batch, mask.to(device))
+            loss = masked_losses(out, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block,
+                                 mask.to(device))["total"]
+            total += float(loss) * batch.size
+            n += batch.size
+    model.train(was_training)
+    if n == 0:
+        raise invalid("sessions", f"have no trial in the {SPLITS[split]!r} split", 0, kind=DataError)
+    return total / n
+
+
+def evaluate(
+    model: NEDS, arrays: Mapping[str, TrialArrays], split: int = VAL, batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Per-session metrics, their means over sessions, and ``score`` (the model-selection figure)."""
+    per = {eid: evaluate_session(model, arrays[eid], split, batch_size, device) for eid in sorted(arrays)}
+    mean: dict[str, float] = {}
+    for k in (*METRIC_NAMES, "score"):
+        vals = [m[k] for m in per.values() if math.isfinite(m[k])]
+        mean[k] = float(np.mean(vals)) if vals else float("nan")
+    return {"sessions": per, "mean": mean, "score": mean["score"]}
+
+
+# ---- training ------------------------------------------------------------------------------------
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _write_metrics(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False))
+    tmp.replace(path)
+
+
+def _nan_error(what: str, step: int, batch: Batch, value: float) -> DataError:
+    return invalid(
+        what, f"is not finite at step {step} on session {batch.eid}, trials {batch.trial_index.tolist()} "
+        f"(array rows {batch.rows.tolist()})", value,
+        "check those trials for NaN/inf inputs, or lower --lr; training stopped", kind=DataError,
+    )
+
+
+def train(
+    arrays: Mapping[str, TrialArrays] | Sequence[TrialArrays],
+    out: Path | str,
+    model_cfg: NEDSConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    *,
+    finetune_from: Path | str | None = None,
+    mask_ratio: float | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train on ``arrays`` (one or many sessions) and write ``best.pt``, ``last.pt`` and ``metrics.json`` to
+    ``out``. Under torchrun (WORLD_SIZE > 1) it runs DistributedDataParallel; rank 0 evaluates and writes.
+
+    ``finetune_from``: keep that checkpoint's shared weights, rebuild the sessions' own layers (mask ratio
+    0.1 unless ``mask_ratio``). ``resume``: continue from ``out/last.pt`` (optimizer, step and epoch).
+    """
+    tcfg = train_cfg or TrainConfig()
+    data = _as_mapping(arrays)
+    out = Path(out)
+    check_splits(data, (TRAIN, VAL))
+    if resume and finetune_from is not None:
+        raise invalid("--resume", "cannot be combined with --finetune-from", str(finetune_from),
+                      "resume a fine-tuning run by passing only --resume and its --out", kind=ConfigError)
+    info = init_distributed(tcfg.device)
+    try:
+        return _train(data, out, model_cfg, tcfg, info, finetune_from, mask_ratio, resume)
+    finally:
+        shutdown(info)
+
+
+def _train(
+    data: dict[str, TrialArrays],
+    out: Path,
+    model_cfg: NEDSConfig | None,
+    tcfg: TrainConfig,
+    info: DistInfo,
+    finetune_from: Path | str | None,
+    mask_ratio: float | None,
+    resume: bool,
+) -> TrainResult:
+    ckpt: dict[str, Any] | None = None
+    if resume:
+        model, ckpt = _resume_model(out / "last.pt", data, model_cfg)
+    elif finetune_from is not None:
+        model = _finetune_model(Path(finetune_from), data, model_cfg, mask_ratio, tcfg.seed)
+    else:
+        cfg = model_cfg or NEDSConfig.preset("default", n_sessions=len(data))
+        if mask_ratio is not None:
+            cfg = replace(cfg, mask_ratio=mask_ratio)
+        model = build_model(cfg, data, tcfg.seed)
+    cfg = model.cfg
+    _check_bins(cfg, data)
+    device = info.device
+    model.to(device)
+    net = wrap(model, info)
+    opt = _optimizer(model, tcfg)
+    steps_per_epoch = len(plan_epoch(data, TRAIN, tcfg.batch_size, tcfg.seed, 0, info.rank, info.world))
+    total_steps = steps_per_epoch * tcfg.epochs
+    if tcfg.max_steps:
+        total_steps = min(total_steps, tcfg.max_steps)
+    step, start_epoch, best_score, best_epoch = 0, 0, -math.inf, -1
+    history: list[dict[str, Any]] = []
+    if ckpt is not None:
+        if ckpt.get("optimizer") is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+        step, start_epoch = int(ckpt["step"]), int(ckpt["epoch"])
+        best_score = ckpt["best_score"] if ckpt["best_score"] is not None else -math.inf
+        history = list(ckpt.get("extra", {}).get("history", []))
+        best_epoch = int(ckpt.get("extra", {}).get("best_epoch", -1))
+        log.info("resuming %s at epoch %s, step %s", out, start_epoch, step)
+    n_params = count_parameters(model)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        log.info("training %s sessions, %s parameters, %s steps/epoch x %s epochs on %s (world %s)",
+                 len(data), n_params, steps_per_epoch, tcfg.epochs, device, info.world)
+    gen = torch.Generator().manual_seed(tcfg.seed * 7919 + info.rank + 1)
+    step_time, trials_seen = 0.0, 0
+    net.train()
+    for epoch in range(start_epoch, tcfg.epochs):
+        if tcfg.max_steps and step >= tcfg.max_steps:
+            break
+        gen.manual_seed(tcfg.seed * 7919 + epoch * 104729 + info.rank + 1)
+        plan = plan_epoch(data, TRAIN, tcfg.batch_size, tcfg.seed, epoch, info.rank, info.world)
+        bar = _progress(len(plan), tcfg.progress and info.is_main, f"epoch {epoch + 1}/{tcfg.epochs}")
+        epoch_loss, epoch_n, done = 0.0, 0, 0
+        for batch in iter_batches(data, plan, device):
+            if tcfg.max_steps and step >= tcfg.max_steps:
+                break
+            t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total_steps, tcfg)
+            mask, _ = draw_masks(batch.size, batch.spikes.shape[1], cfg.mask_ratio, gen)
+            mask = mask.to(device)  # (B, M, T)
+            pred = _forward(net, batch, mask)
+            losses = masked_losses(pred, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block,
+                                   mask)
+            loss = losses["total"]
+            loss_value = all_mean(float(losses["total"].detach()), info)
+            if not math.isfinite(loss_value):
+                raise _nan_error("training loss", step, batch, loss_value)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            if not math.isfinite(grad_norm):
+                raise _nan_error("gradient norm", step, batch, grad_norm)
+            opt.step()
+            step += 1
+            step_time += time.perf_counter() - t0
+            trials_seen += batch.size * info.world
+            epoch_loss += loss_value * batch.size
+            epoch_n += batch.size
+            done += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", trials_s=f"{trials_seen / max(step_time, 1e-9):.1f}")
+        bar.close()
+        completed = epoch + 1 if done == len(plan) else epoch  # epochs finished, for resume
+        if info.is_main:
+            val_loss = masked_eval_loss(model, data, VAL, batch_size=tcfg.eval_batch_size, device=device)
+            record: dict[str, Any] = {
+                "epoch": epoch + 1, "step": step, "lr": lr_at(max(step - 1, 0), total_steps, tcfg),
+                "train_loss": epoch_loss / max(epoch_n, 1), "val_loss": val_loss,
+                "val": evaluate(model, data, VAL, tcfg.eval_batch_size, device),
+            }
+            history.append(record)
+            score = record["val"]["score"]
+            is_best = math.isfinite(score) and score > best_score
+            if is_best:
+                best_score, best_epoch = score, epoch + 1
+            extra = {"history": _jsonable(history), "best_epoch": best_epoch}
+            for name in ("best.pt", "last.pt") if is_best or not (out / "best.pt").exists() else ("last.pt",):
+                save_checkpoint(out / name, model, optimizer=opt, step=step, epoch=completed,
+                                best_score=best_score if best_epoch > 0 else None, train_config=asdict(tcfg),
+                                extra=extra)
+            log.info("epoch %s: train loss %.4f, val loss %.4f, val score %.4f%s", epoch + 1,
+                     record["train_loss"], record["val_loss"], score, " (best)" if is_best else "")
+            _write_metrics(out / "metrics.json", {
+                "sessions": sorted(data), "n_parameters": n_params, "world_size": info.world,
+                "device": str(device), "model_config": asdict(cfg), "train_config": asdict(tcfg),
+                "finetune_from": None if finetune_from is None else str(finetune_from),
+                "steps": step, "trials_per_s": trials_seen / step_time if step_time else None,
+                "best": {"epoch": best_epoch, "score": best_score}, "history": history,
+            })
+        barrier(info)
+    return TrainResult(out=out, model=model, best_score=best_score, best_epoch=best_epoch, steps=step,
+                       history=history, trials_per_s=trials_seen / step_time if step_time else float("nan"))
+
+
+def load_run_arrays(
+    data_dir: Path | str,
+    sessions: Sequence[str] | None = None,
+    cache_root: Path | str = Path("array_cache"),
+) -> dict[str, TrialArrays]:
+    """TrialArrays of ``sessions`` (all of the cache when None) from a ONE cache, through the array cache."""
+    from streams.load import open_one
+    from training.cache import load_arrays
+
+    one = open_one(Path(data_dir))
+    known = sorted(str(e) for e in one.search())
+    wanted = list(sessions) if sessions else known
+    unknown = [e for e in wanted if e not in known]
+    if unknown:
+        raise invalid("--sessions", f"names sessions that are not in the ONE cache {data_dir}", unknown,
+                      f"pick from {known[:5]}{' ...' if len(known) > 5 else ''} or pass --sessions all",
+                      kind=DataError)
+    if not wanted:
+        raise invalid(f"ONE cache {data_dir}", "holds no session", 0, "simulate or download sessions first",
+                      kind=DataError)
+    return {eid: load_arrays(one, eid, cache_root=Path(cache_root))[0] for eid in wanted}
+
+
+def describe_model(model: NEDS) -> str:
+    """One line: mode, sizes, sessions and parameter count."""
+    c = model.cfg
+    return (f"NEDS {c.mode}: hidden {c.hidden}, {c.heads} heads, MLP {c.mlp}, {c.layers} layers, "
+            f"{len(model.eids)} sessions, {count_parameters(model):,} parameters")
+
