@@ -114,7 +114,7 @@ def train(
         torch.set_num_threads(threads)
     try:
         chosen = None if sessions.strip() == "all" else [s.strip() for s in sessions.split(",") if s.strip()]
-        arrays = load_run_arrays(data, chosen, cache_root=array_cache)
+        arrays = load_run_arrays(data, chosen, cache_root=array_cache, mode=mode, seed=seed)
         model_cfg = None
         if finetune_from is None and not resume:
             model_cfg = NEDSConfig.preset(preset, n_sessions=len(arrays), mode=mode)
@@ -240,12 +240,15 @@ def bench_inference(
     layers: Annotated[int | None, typer.Option(help="Transformer layers (default 5).")] = None,
 ) -> None:
     """Per-step latency (p50/p99/p99.9/max) of onnxruntime, TorchScript, eager vs the naive recompute."""
+    from typing import Any
+
     from bench.inference import InferenceBenchConfig, run_inference_bench
 
     given = {k: v for k, v in dict(steps=steps, warmup=warmup, baseline_steps=baseline_steps,
                                    rounds=rounds).items() if v is not None}
-    fields = dict(n_units=units, context=context, rate_hz=rate, cpu_batch=cpu_batch,
-                  eager_baseline=eager_baseline, hidden=hidden, heads=heads, mlp=mlp, layers=layers) | given
+    fields: dict[str, Any] = dict(n_units=units, context=context, rate_hz=rate, cpu_batch=cpu_batch,
+                                  eager_baseline=eager_baseline, hidden=hidden, heads=heads, mlp=mlp,
+                                  layers=layers) | given
     try:
         cfg = InferenceBenchConfig.quick(**fields) if quick else InferenceBenchConfig(**fields)
         run_inference_bench(out, cfg)

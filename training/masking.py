@@ -108,7 +108,8 @@ def masked_losses(
 ) -> dict[str, Tensor]:
     """Per-modality mean loss over masked tokens, plus ``total`` (their sum); modalities with nothing masked
     are left out. Spikes: Poisson NLL of log-rates; wheel/whisker: MSE; choice/block: cross-entropy of the
-    trial logits (mean of per-bin logits) over trials whose modality is masked."""
+    trial logits (mean of per-bin logits) over trials whose modality is masked, or, for per-bin (B, T) labels,
+    of the per-bin logits over masked bins that have a label."""
     losses: dict[str, Tensor] = {}
     m_spk = mask[:, SPIKES]  # (B, T)
     if m_spk.any():
@@ -120,6 +121,11 @@ def masked_losses(
         if m.any():
             losses[MODALITIES[idx]] = F.mse_loss(pred[m], true[m])
     for idx, logits, labels in ((CHOICE, out.choice, choice), (BLOCK, out.block, block)):
+        if labels.dim() == 2:  # per-bin labels (continuous windows): per-bin logits, -1 bins ignored
+            m = mask[:, idx] & (labels >= 0)  # (B, T)
+            if m.any():
+                losses[MODALITIES[idx]] = F.cross_entropy(logits[m], labels[m])
+            continue
         rows = mask[:, idx].any(dim=1)  # (B,) trials whose class is hidden
         if rows.any():
             losses[MODALITIES[idx]] = F.cross_entropy(_trial_logits(logits)[rows], labels[rows])

@@ -73,6 +73,14 @@ def session_key(eid: str) -> str:
     return "s_" + _KEY_BAD.sub("_", eid)
 
 
+def per_bin_labels(labels: Tensor, n_bins: int) -> Tensor:
+    """Class labels as (B, T): per-trial (B,) labels repeated over bins, per-bin (B, T) labels as they are.
+
+    Per-bin labels come from continuous windows (streaming training); ``-1`` marks a bin without a label.
+    """
+    return labels[:, None].expand(-1, n_bins) if labels.dim() == 1 else labels
+
+
 def trial_logits(per_bin: Tensor) -> Tensor:
     """(B, T, C) per-bin logits -> (B, C) trial logits (mean over bins)."""
     return per_bin.mean(dim=1)
@@ -250,16 +258,19 @@ class NEDS(nn.Module):
         if t > self.cfg.n_bins and not self.cfg.causal:
             raise invalid("spikes", f"must have at most n_bins={self.cfg.n_bins} bins", t,
                           kind=ModelFileError)
+        choice_bins, block_bins = per_bin_labels(choice, t), per_bin_labels(block, t)  # (B, T) each
         tokens = torch.stack(
             [
                 mods.stitch(spikes),  # (B, T, hidden)
                 mods.wheel_in(wheel.unsqueeze(-1)),  # (B, T, hidden)
                 mods.whisker_in(whisker.unsqueeze(-1)),  # (B, T, hidden)
-                self.choice_embed(choice)[:, None, :].expand(b, t, -1),  # (B, T, hidden) repeated
-                self.block_embed(block)[:, None, :].expand(b, t, -1),  # (B, T, hidden) repeated
+                self.choice_embed(choice_bins.clamp(min=0)),  # (B, T, hidden) the class in every bin
+                self.block_embed(block_bins.clamp(min=0)),  # (B, T, hidden)
             ],
             dim=2,
         )  # (B, T, M, hidden)
+        unknown = torch.stack([choice_bins < 0, block_bins < 0], dim=1)  # (B, 2, T) no label: always masked
+        mask = torch.cat([mask[:, :CHOICE], mask[:, CHOICE:] | unknown], dim=1)  # (B, M, T)
         masked = mask.transpose(1, 2).unsqueeze(-1)  # (B, T, M, 1) from (B, M, T)
         tokens = torch.where(masked, self.mask_token[None, None], tokens)  # (B, T, M, hidden)
         tokens = tokens + self.modality_embed[None, None] + mods.embedding
@@ -293,8 +304,9 @@ class NEDS(nn.Module):
         self, eid: str, spikes: Tensor, wheel: Tensor, whisker: Tensor, choice: Tensor, block: Tensor,
         mask: Tensor,
     ) -> NEDSOutput:
-        """spikes (B, T, N) float counts, wheel/whisker (B, T) scaled, choice/block (B,) int64 classes,
-        mask (B, M, T) bool (True = hidden from the model, predicted)."""
+        """spikes (B, T, N) float counts, wheel/whisker (B, T) scaled, choice/block (B,) int64 classes per
+        trial or (B, T) per bin (-1: no label, always masked), mask (B, M, T) bool (True = hidden and
+        predicted)."""
         x = self.embed(eid, spikes, wheel, whisker, choice, block, mask)
         return self.heads(eid, self.encode(x, spikes.shape[1]))
 

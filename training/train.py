@@ -176,6 +176,18 @@ def _safe(fn: Any, *args: Any, **kwargs: Any) -> float:
         return float("nan")
 
 
+def _class_pred(per_bin_logits: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    """Predicted classes: per trial (B,) from the mean logits, or per bin (B, T) when labels are per bin."""
+    logits = per_bin_logits if labels.ndim == 2 else trial_logits(per_bin_logits)
+    return np.asarray(logits.argmax(-1).cpu().numpy())
+
+
+def _labelled_bacc(pred: np.ndarray, true: np.ndarray) -> float:
+    """Balanced accuracy over the samples that have a label (per-bin labels use -1 for none)."""
+    keep = true >= 0
+    return float(_metrics.balanced_accuracy(pred[keep], true[keep]))
+
+
 @torch.no_grad()
 def evaluate_session(
     model: NEDS, arr: TrialArrays, split: int = VAL, batch_size: int = 32, device: torch.device | str = "cpu"
@@ -197,8 +209,8 @@ def evaluate_session(
         log_rates.append(enc.spikes.cpu().numpy())  # (B, T, N)
         wheel.append(dec.wheel.cpu().numpy())  # (B, T)
         whisker.append(dec.whisker.cpu().numpy())  # (B, T)
-        choice.append(trial_logits(dec.choice).argmax(-1).cpu().numpy())  # (B,)
-        block.append(trial_logits(dec.block).argmax(-1).cpu().numpy())  # (B,)
+        choice.append(_class_pred(dec.choice, arr.choice))  # (B,) per trial or (B, T) per bin
+        block.append(_class_pred(dec.block, arr.block))
     model.train(was_training)
     train_rows = arr.subset(TRAIN)
     null = arr.spikes[train_rows].mean(axis=(0, 1)) if train_rows.size else None  # (N,) mean count per bin
@@ -208,8 +220,8 @@ def evaluate_session(
                                 null_rates=null),
         "wheel_r2": _safe(_metrics.r2, np.concatenate(wheel), arr.wheel[rows]),
         "whisker_r2": _safe(_metrics.r2, np.concatenate(whisker), arr.whisker[rows]),
-        "choice_bacc": _safe(_metrics.balanced_accuracy, np.concatenate(choice), arr.choice[rows]),
-        "block_bacc": _safe(_metrics.balanced_accuracy, np.concatenate(block), arr.block[rows]),
+        "choice_bacc": _safe(_labelled_bacc, np.concatenate(choice), arr.choice[rows]),
+        "block_bacc": _safe(_labelled_bacc, np.concatenate(block), arr.block[rows]),
     }
     values = [v for v in result.values() if math.isfinite(v)]
     result["score"] = float(np.mean(values)) if values else float("nan")
@@ -450,8 +462,11 @@ def load_run_arrays(
     data_dir: Path | str,
     sessions: Sequence[str] | None = None,
     cache_root: Path | str = Path("array_cache"),
+    mode: str = "offline",
+    seed: int = 0,
 ) -> dict[str, TrialArrays]:
-    """TrialArrays of ``sessions`` (all of the cache when None) from a ONE cache, through the array cache."""
+    """Training arrays of ``sessions`` (all of the cache when None) from a ONE cache, through the array
+    cache: trial-aligned windows for ``offline``, continuous windows cut anywhere for ``streaming``."""
     from streams.load import open_one
     from training.cache import load_arrays
 
@@ -466,6 +481,11 @@ def load_run_arrays(
     if not wanted:
         raise invalid(f"ONE cache {data_dir}", "holds no session", 0, "simulate or download sessions first",
                       kind=DataError)
+    if mode == "streaming":
+        from training.windows import build_window_arrays
+
+        return {eid: build_window_arrays(load_arrays(one, eid, cache_root=Path(cache_root))[1], seed=seed)
+                for eid in wanted}
     return {eid: load_arrays(one, eid, cache_root=Path(cache_root))[0] for eid in wanted}
 
 
