@@ -376,17 +376,7 @@ class ZMQSpikeInlet:
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
         sock.setsockopt(zmq.MAXMSGSIZE, max(wire.MAX_PAYLOAD_BYTES, wire.MAX_META_BYTES) + 65536)
         sock.setsockopt(zmq.SUBSCRIBE, self.topic)
-        try:
-            sock.bind(url) if bind else sock.connect(url)
-        except zmq.ZMQError as e:
-            sock.close(linger=0)
-            raise invalid(
-                "ZMQ url",
-                f"cannot {'bind' if bind else 'connect'} ({e})",
-                url,
-                "check --zmq-in",
-                kind=StreamError,
-            ) from None
+        wire.attach(sock, url, bind, "check --zmq-in")
         self._sock = sock
 
     @property

@@ -112,8 +112,11 @@ class LSLBehaviorOutlet(_LSLOutlet):
         self._outlet.push_chunk(self._buf, timestamp=float(timestamp))
 
 
-class LSLSpikeOutlet(_LSLOutlet):
-    """LSL ``Spikes`` stream for replay: one int32 sample (unit index) per spike, stamped with its time."""
+class _LSLUnitsOutlet(_LSLOutlet):
+    """An outlet whose stream description lists the session's units (Spikes and SpikeCounts streams)."""
+
+    _make_info: Any  # spike_stream_info or counts_stream_info
+    _max_buffered: int
 
     def __init__(
         self,
@@ -123,12 +126,20 @@ class LSLSpikeOutlet(_LSLOutlet):
         regions: Sequence[object],
         source_id: str,
         bin_size: float = BIN_SIZE_S,
-        max_buffered: int = 100,
+        max_buffered: int | None = None,
     ) -> None:
         lsl = pylsl()
-        self.info = spike_stream_info(name, session_id, unit_ids, regions, source_id, bin_size)
+        self.info = type(self)._make_info(name, session_id, unit_ids, regions, source_id, bin_size)
         self.n_units = len(unit_ids)
-        self._outlet = lsl.StreamOutlet(self.info, chunk_size=0, max_buffered=max_buffered)
+        buffered = self._max_buffered if max_buffered is None else max_buffered
+        self._outlet = lsl.StreamOutlet(self.info, chunk_size=0, max_buffered=buffered)
+
+
+class LSLSpikeOutlet(_LSLUnitsOutlet):
+    """LSL ``Spikes`` stream for replay: one int32 sample (unit index) per spike, stamped with its time."""
+
+    _make_info = staticmethod(spike_stream_info)
+    _max_buffered = 100
 
     def push(self, times: npt.ArrayLike, units: npt.ArrayLike) -> None:
         """Push spikes (n,) with their stream times (n,) as per-sample LSL timestamps."""
@@ -144,23 +155,11 @@ class LSLSpikeOutlet(_LSLOutlet):
         _push_with_stamps(self._outlet, u, t)
 
 
-class LSLCountsOutlet(_LSLOutlet):
+class LSLCountsOutlet(_LSLUnitsOutlet):
     """LSL ``SpikeCounts`` stream: one int32 sample per bin (one channel per unit), stamped at bin start."""
 
-    def __init__(
-        self,
-        name: str,
-        session_id: str,
-        unit_ids: Sequence[object],
-        regions: Sequence[object],
-        source_id: str,
-        bin_size: float = BIN_SIZE_S,
-        max_buffered: int = 10,
-    ) -> None:
-        lsl = pylsl()
-        self.info = counts_stream_info(name, session_id, unit_ids, regions, source_id, bin_size)
-        self.n_units = len(unit_ids)
-        self._outlet = lsl.StreamOutlet(self.info, chunk_size=0, max_buffered=max_buffered)
+    _make_info = staticmethod(counts_stream_info)
+    _max_buffered = 10
 
     def push(self, t_start: npt.ArrayLike, counts: npt.ArrayLike) -> None:
         """Push (m, N) counts with their (m,) bin start times."""
@@ -186,17 +185,7 @@ class _ZMQPublisher:
         sock.setsockopt(zmq.LINGER, 200)
         sock.setsockopt(zmq.SNDHWM, sndhwm)
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscriber's subscription, not only the first
-        try:
-            sock.bind(url) if bind else sock.connect(url)
-        except zmq.ZMQError as e:
-            sock.close(linger=0)
-            raise invalid(
-                "ZMQ url",
-                f"cannot {'bind' if bind else 'connect'} ({e})",
-                url,
-                "pick a free port or another ipc:// path",
-                kind=StreamError,
-            ) from None
+        wire.attach(sock, url, bind, "pick a free port or another ipc:// path")
         self._sock = sock
         self.seq = 0
         self.subscriptions = 0

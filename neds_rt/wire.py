@@ -31,6 +31,7 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+import zmq
 
 from neds_rt.errors import StreamError, invalid
 
@@ -482,3 +483,13 @@ class SeqTracker:
                 log.warning("ZMQ sequence went back from %s to %s: publisher restarted", self.expected, seq)
         self.expected = seq + 1
         return gap
+
+
+def attach(sock: zmq.Socket, url: str, bind: bool, fix: str) -> None:
+    """Bind or connect ``sock`` to ``url``; on failure close it and raise a StreamError naming the url."""
+    try:
+        sock.bind(url) if bind else sock.connect(url)
+    except zmq.ZMQError as e:
+        sock.close(linger=0)
+        raise invalid("ZMQ url", f"cannot {'bind' if bind else 'connect'} ({e})", url, fix,
+                      kind=StreamError) from None
