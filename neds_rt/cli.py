@@ -207,6 +207,69 @@ def serve(
     typer.echo(f"decode log: {log_path}")
 
 
+@app.command()
+def replay(
+    data: Annotated[Path, typer.Option(help="ONE cache folder (simulated or real IBL).")],
+    session: Annotated[str, typer.Option(help="Session eid.")],
+    probe: Annotated[str | None, typer.Option(help="Probe, e.g. probe00 (default: the first).")] = None,
+    stream: Annotated[str, typer.Option(help="LSL spike stream name and ZMQ topic; behaviour and markers "
+                                             "streams get -behaviour / -markers.")] = "spikes",
+    speed: Annotated[float, typer.Option(help="Playback speed; above 1 plays faster than real time.")] = 1.0,
+    loop: Annotated[bool, typer.Option("--loop", help="Restart at the end; times continue.")] = False,
+    zmq_out: Annotated[str | None, typer.Option(help="Also publish spike events on this ZMQ url (bind).")]
+    = None,
+    start: Annotated[float, typer.Option(help="Segment start, session seconds.")] = 0.0,
+    duration: Annotated[float | None, typer.Option(help="Segment length, session seconds (default: to the "
+                                                        "end).")] = None,
+    lsl_scope: Annotated[str, typer.Option(help="LSL discovery scope: machine, link or site.")] = "machine",
+    no_lsl: Annotated[bool, typer.Option("--no-lsl", help="No LSL streams (ZMQ only).")] = False,
+    lead: Annotated[float, typer.Option(help="Seconds between opening the streams and the first spike.")]
+    = 2.0,
+    chunk_ms: Annotated[float, typer.Option(help="Pacing chunk, ms: spikes due in a chunk leave at its end.")]
+    = 1.0,
+    realtime: Annotated[bool, typer.Option("--realtime", help="Pace from a SCHED_FIFO thread (Linux, needs "
+                                                              "CAP_SYS_NICE; warns otherwise).")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the replay summary here.")] = None,
+) -> None:
+    """Play a session as live streams: spikes (LSL/ZMQ), ground-truth behaviour and trial-event markers."""
+    import json
+    import signal
+    import threading
+
+    from neds_rt import lsl_scope as scope
+    from streams.replay import ReplayConfig, Replayer, load_replay_session
+
+    stop = threading.Event()
+    try:
+        cfg = ReplayConfig(stream=stream, speed=speed, loop=loop, start=start, duration=duration,
+                           lsl=not no_lsl, zmq_out=zmq_out, lead_s=lead, chunk_s=chunk_ms / 1000.0,
+                           realtime=realtime)
+        cfg.check()
+        if not no_lsl:
+            scope.configure(lsl_scope)  # before any LSL call
+        sess = load_replay_session(data, session, probe)
+        with Replayer(sess, cfg) as replayer:
+            clock = replayer.open()
+            old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                typer.echo(f"replaying {sess.summary()}: stream {stream!r}"
+                           + (f", ZMQ {zmq_out}" if zmq_out else "")
+                           + f"; stream time = session time / speed + {clock.t_offset:.6f} s")
+                summary = replayer.run(stop)
+                stop.wait(0.5)  # let consumers drain before the outlets close
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+    except NedsRtError as err:
+        raise _fail(err) from err
+    for line in summary.lines():
+        typer.echo(line)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(summary.as_dict(), indent=2))
+        typer.echo(f"summary: {json_out}")
+
+
 @bench_app.command("binning")
 def bench_binning(
     out: Annotated[Path, typer.Option(help="Folder for the JSON result.")] = Path("bench_out"),
@@ -254,6 +317,42 @@ def bench_inference(
         run_inference_bench(out, cfg)
     except NedsRtError as err:
         raise _fail(err) from err
+
+
+@bench_app.command("quality")
+def bench_quality(
+    data: Annotated[Path, typer.Option(help="ONE cache folder; an empty or new one is simulated first.")],
+    out: Annotated[Path, typer.Option(help="Folder: report.json, report.md, PNGs, models/.")] = Path(
+        "bench_out/quality"),
+    quick: Annotated[bool, typer.Option("--quick", help="4 + 1 sessions of 150 trials, tiny NEDS.")] = False,
+    pretrain: Annotated[int | None, typer.Option(help="Pretraining sessions (default 10, quick 4).")] = None,
+    heldout: Annotated[int | None, typer.Option(help="Held-out sessions (default 2, quick 1).")] = None,
+    preset: Annotated[str | None, typer.Option(help="NEDS size: tiny|small|default.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs of every NEDS training run.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the simulation and the training runs.")] = 0,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+) -> None:
+    """NEDS vs linear, RRR and unimodal baselines and the oracle ceiling: report.json/.md and PNGs."""
+    import sys
+    from typing import Any
+
+    from bench.quality import QualityConfig, run_quality
+    from bench.quality_report import summary_table
+
+    fields: dict[str, Any] = {k: v for k, v in dict(n_pretrain=pretrain, n_heldout=heldout, preset=preset)
+                              .items() if v is not None} | dict(seed=seed, threads=threads)
+    if epochs is not None:
+        fields |= dict(epochs=epochs, pretrain_epochs=epochs, finetune_epochs=epochs)
+    try:
+        cfg = QualityConfig.quick(**fields) if quick else QualityConfig(**fields)
+        report = run_quality(data, out, cfg, command=" ".join(["neds-rt", *sys.argv[1:]]))
+    except NedsRtError as err:
+        raise _fail(err) from err
+    typer.echo(summary_table(report))
+    for check in report["checks"]:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[check["passed"]]
+        typer.echo(f"{verdict:4} {check['name']}: {check['detail']}")
+    typer.echo(f"report: {out / 'report.md'} ({report['timing']['total_s']:.0f} s)")
 
 
 if __name__ == "__main__":
