@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 
+from bench.report import machine_info
 from neds_rt.binning import BIN_SIZE_S, RingBinner, bin_windows, bin_windows_reference
 from neds_rt.errors import DataError, invalid
 
@@ -106,15 +104,7 @@ def _warm_up(n_units: int) -> None:
 
 
 def _machine() -> dict[str, object]:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 0
-    return {
-        "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
-        "cpu_count": os.cpu_count(), "cores_available": cores, "loadavg_1m_at_start": os.getloadavg()[0],
-        "python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
-    }
+    return machine_info(("numpy", "numba"))
 
 
 def run_binning_bench(

@@ -175,7 +175,8 @@ class Server:
         self._closed = False
         self._fatal: BaseException | None = None
         self._queue: queue.Queue[SpikeBatch | CountsBatch] = queue.Queue(cfg.queue_size)
-        self._io: dict[str, int] = {"dropped_batches": 0, "dropped_events": 0, "io_errors": 0, "gaps": 0}
+        self._io: dict[str, int] = {"dropped_batches": 0, "dropped_events": 0, "io_errors": 0, "gaps": 0,
+                                    "unused_unit_spikes": 0}
         self._last_data_at: float | None = None  # host time of the newest non-empty batch (I/O thread)
         self._newest_time = -math.inf  # newest finite stream time received (bin loop)
         self._src: RingBinner | _CountsRing | None = None
@@ -225,14 +226,21 @@ class Server:
         self.telemetry = Telemetry(budgets, status_s=cfg.status_s)
         stream_units = self.inlet.units
         model_units = [str(u) for u in meta.unit_ids]
-        unit_map = match_units(stream_units, model_units)  # (N_stream,) model column of each stream unit
+        # every model unit must be in the stream; stream units the model does not use (e.g. below the
+        # training firing-rate threshold) are dropped in the I/O thread and counted as unused_unit_spikes
+        unit_map = match_units(stream_units, model_units, allow_extra=True)  # (N_stream,) model col or -1
         if stream_units.session_id and stream_units.session_id != meta.session:
             log.warning("stream %r is session %s but the model was exported for %s (units match)",
                         cfg.stream, stream_units.session_id, meta.session)
         identity = np.array_equal(unit_map, np.arange(self.n_units))
         self._unit_map = None if identity else unit_map.astype(np.int64)
-        self._col_perm = None if identity else np.argsort(unit_map)  # (N,) stream column of model unit j
-        if not identity:
+        used = np.flatnonzero(unit_map >= 0)
+        self._col_perm = None if identity else used[np.argsort(unit_map[used])]  # (N,) stream col of unit j
+        n_unused = int((unit_map < 0).sum())
+        if n_unused:
+            log.info("the stream has %s units the model does not use; their spikes are counted and dropped",
+                     n_unused)
+        elif not identity:
             log.info("stream units are in another order than the model's; remapping columns")
         log.info("serving %s (%s, %s units, context %s bins) on %s stream %r, grace %.1f ms, clock %s",
                  cfg.model, cfg.engine, self.n_units, meta.context, self.kind, cfg.stream, grace_ms,
@@ -402,10 +410,15 @@ class Server:
         """Copy the inlet's buffers and map stream units / columns onto the model's (I/O thread)."""
         if isinstance(batch, SpikeBatch):
             u = batch.units.astype(np.int64)  # (n,) stream unit index
+            t = batch.times.astype(np.float64)  # (n,)
             if self._unit_map is not None:
-                ok = (u >= 0) & (u < self._unit_map.shape[0])
+                ok = (u >= 0) & (u < self._unit_map.shape[0])  # out of range: the binner's unknown_unit
                 u = np.where(ok, self._unit_map[np.where(ok, u, 0)], -1)  # (n,) model column or -1
-            return SpikeBatch(batch.times.astype(np.float64), u, batch.gap)
+                unused = ok & (u < 0)  # a unit of the stream that the model does not use
+                if unused.any():
+                    self._io["unused_unit_spikes"] += int(unused.sum())
+                    t, u = t[~unused], u[~unused]
+            return SpikeBatch(t, u, batch.gap)
         c = batch.counts if self._col_perm is None else batch.counts[:, self._col_perm]
         return CountsBatch(batch.t_start.astype(np.float64), np.array(c, np.int32), batch.gap)
 

@@ -50,9 +50,11 @@ def _bin_times(rng: np.random.Generator, first: int, last: int, per_bin: int = 4
     return np.sort(times), rng.integers(0, 8, k.size).astype(np.int32)
 
 
-def _zmq_server(model: Path, tmp_path: Path) -> tuple[ZMQSpikePublisher, ServerThread, ServeConfig]:
+def _zmq_server(model: Path, tmp_path: Path, units: StreamUnits | None = None
+                ) -> tuple[ZMQSpikePublisher, ServerThread, ServeConfig]:
     url = f"tcp://127.0.0.1:{free_port()}"
-    pub = ZMQSpikePublisher(url, topic=b"spikes", units=StreamUnits(tuple(UNIT_IDS), tuple(REGIONS), EID))
+    units = units or StreamUnits(tuple(UNIT_IDS), tuple(REGIONS), EID)
+    pub = ZMQSpikePublisher(url, topic=b"spikes", units=units)
     subscribed = threading.Thread(target=pub.wait_for_subscriber, args=(20.0,))  # sends the unit metadata
     subscribed.start()
     cfg = ServeConfig(model, stream="spikes", zmq_in=url, clock="stream", grace_ms=40.0, warmup_steps=5,
@@ -192,3 +194,27 @@ def test_lsl_stream_that_stops_and_comes_back_is_gap_filled(model: Path, tmp_pat
     assert counts[gap].sum() == 0  # flagged bins are exactly the empty, filled ones
     assert server.first_bin is not None
     assert np.all(server.t0 + (server.first_bin + gap) * BIN >= t1.max() - BIN)  # after the first train
+
+
+def test_stream_units_the_model_does_not_use_are_counted_and_dropped(model: Path, tmp_path: Path) -> None:
+    """A sorter streams every unit; the model keeps a subset (e.g. above 2 Hz). Extra units are accepted,
+    their spikes counted as unused and dropped, and the decodes equal the offline engine on model units."""
+    rng = np.random.default_rng(4)
+    stream_ids = ("7", *UNIT_IDS[:4], "8", *UNIT_IDS[4:], "9")  # 3 extra units, model units in order
+    stream_regions = ("DG", *REGIONS[:4], "DG", *REGIONS[4:], "DG")
+    to_model = np.array([-1, 0, 1, 2, 3, -1, 4, 5, 6, 7, -1])  # stream index -> model column
+    pub, st, cfg = _zmq_server(model, tmp_path, StreamUnits(stream_ids, stream_regions, EID))
+    try:
+        t, _ = _bin_times(rng, 0, 30)
+        u_stream = rng.integers(0, len(stream_ids), t.size).astype(np.int32)
+        pub.publish(t, u_stream)
+        st.wait_bin(25)
+        summary = st.stop()
+    finally:
+        pub.close()
+        if st.error is None and not st.server._stop.is_set():
+            st.stop()
+    unused = to_model[u_stream] < 0
+    assert summary.counts["unused_unit_spikes"] == int(unused.sum()) > 0
+    assert summary.counts.get("unknown_unit", 0) == 0
+    _check_against_offline(model, cfg, t[~unused], to_model[u_stream][~unused], st.server, T0)

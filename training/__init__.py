@@ -1,46 +1,43 @@
-"""Offline, torch-only: trial alignment and windows, the NEDS model, masking, training, export."""
+"""Offline, torch-only: trial alignment and windows, the NEDS model, masking, training, export.
 
-from training.baselines import (
-    DecodingResults,
-    EncoderResult,
-    LinearConfig,
-    RRRConfig,
-    decode_from_features,
-    fit_linear_decoders,
-    fit_rrr_encoder,
-)
-from training.cache import load_arrays
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import NEDSConfig, TrainConfig
-from training.data import (
-    DataConfig,
-    build_arrays,
-    build_continuous_arrays,
-    build_trial_arrays,
-    continuous_windows,
-)
-from training.masking import draw_masks, eval_mask
-from training.model import NEDS
+The public names below are re-exported lazily (PEP 562), so ``import training.behaviour`` or
+``training.metrics`` does not pull in torch, scikit-learn or the model.
+"""
 
-__all__ = [
-    "NEDS",
-    "DataConfig",
-    "DecodingResults",
-    "EncoderResult",
-    "LinearConfig",
-    "NEDSConfig",
-    "RRRConfig",
-    "TrainConfig",
-    "build_arrays",
-    "build_continuous_arrays",
-    "build_trial_arrays",
-    "continuous_windows",
-    "decode_from_features",
-    "draw_masks",
-    "eval_mask",
-    "fit_linear_decoders",
-    "fit_rrr_encoder",
-    "load_arrays",
-    "load_checkpoint",
-    "save_checkpoint",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "DecodingResults": "training.baselines",
+    "EncoderResult": "training.baselines",
+    "LinearConfig": "training.baselines",
+    "RRRConfig": "training.baselines",
+    "decode_from_features": "training.baselines",
+    "fit_linear_decoders": "training.baselines",
+    "fit_rrr_encoder": "training.baselines",
+    "load_arrays": "training.cache",
+    "load_checkpoint": "training.checkpoint",
+    "save_checkpoint": "training.checkpoint",
+    "NEDSConfig": "training.config",
+    "TrainConfig": "training.config",
+    "DataConfig": "training.data",
+    "build_arrays": "training.data",
+    "build_continuous_arrays": "training.data",
+    "build_trial_arrays": "training.data",
+    "continuous_windows": "training.data",
+    "draw_masks": "training.masking",
+    "eval_mask": "training.masking",
+    "NEDS": "training.model",
+    "build_window_arrays": "training.windows",
+    "export_model": "training.export",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'training' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

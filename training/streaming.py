@@ -213,4 +213,5 @@ def banded_recompute(model: NEDS, eid: str, counts: Tensor, context: int) -> tup
     return decode_outputs(model, eid, h)
 
 
-__all__ = ["DECODE_CHANNELS", "MODALITIES", "StepState", "StreamingStep", "banded_recompute", "step"]
+__all__ = ["DECODE_CHANNELS", "MODALITIES", "StepState", "StreamingStep", "banded_recompute",
+           "rotate_half_matrix", "step"]
