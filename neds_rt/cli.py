@@ -180,6 +180,10 @@ def serve(
                                                   "floored to the bin grid).")] = None,
     stall: Annotated[float, typer.Option(help="Seconds without data before bins are gap-filled.")] = 1.0,
     status_every: Annotated[float, typer.Option(help="Seconds between status lines.")] = 5.0,
+    resolve_timeout: Annotated[float, typer.Option(help="Seconds to wait for the input stream to appear.")]
+    = 10.0,
+    summary_json: Annotated[Path | None, typer.Option(help="Also write the exit summary (stage "
+                                                            "percentiles, counts, t0) as JSON here.")] = None,
 ) -> None:
     """Decode a live spike stream, one step per 20 ms bin: LSL Behavior + ZMQ decodes + decode log."""
     import signal
@@ -195,7 +199,7 @@ def serve(
                           kind=kind,
                           zmq_in=zmq_in, zmq_out=zmq_out, out_stream=out_stream, log_path=log_path,
                           grace_ms=grace, duration_s=duration, clock=clock, t0=t0, stall_s=stall,
-                          status_s=status_every)
+                          status_s=status_every, resolve_timeout_s=resolve_timeout)
         server = Server(cfg)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: server.stop())
@@ -205,6 +209,13 @@ def serve(
     for line in summary.lines():
         typer.echo(line)
     typer.echo(f"decode log: {log_path}")
+    if summary_json is not None:
+        import json
+
+        doc = {**summary.to_dict(), "t0": server.t0, "first_bin": server.first_bin,
+               "last_bin": server.last_bin, "bin_size": server.bin_size, "log": str(log_path),
+               "model": str(model), "engine": engine}
+        summary_json.write_text(json.dumps(doc, indent=1, default=float))
 
 
 @app.command()
@@ -268,6 +279,39 @@ def replay(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(summary.as_dict(), indent=2))
         typer.echo(f"summary: {json_out}")
+
+
+@bench_app.command("latency")
+def bench_latency(
+    data: Annotated[Path, typer.Option(help="ONE cache holding the session to replay.")],
+    session: Annotated[str, typer.Option(help="Session (eid) to replay; the model must serve its units.")],
+    model: Annotated[Path, typer.Option(help="Exported step graph (.onnx; .pt for torchscript).")],
+    out: Annotated[Path, typer.Option(help="Folder for latency.json, latency.png and the logs.")]
+    = Path("bench_out/latency"),
+    duration: Annotated[float, typer.Option(help="Session seconds replayed per engine.")] = 60.0,
+    speed: Annotated[float, typer.Option(help="Replay speed (1 = real time).")] = 1.0,
+    start: Annotated[float | None, typer.Option(help="Session second to start at.")] = None,
+    engines: Annotated[str, typer.Option(help="Comma-separated: onnx,torchscript.")] = "onnx",
+    torchscript_model: Annotated[Path | None, typer.Option(help="TorchScript file for the torchscript "
+                                                                "engine (default: MODEL with .pt).")] = None,
+    probe: Annotated[str | None, typer.Option(help="Probe to replay (default: the first).")] = None,
+    grace: Annotated[float, typer.Option(help="Serve's grace in ms.")] = 5.0,
+) -> None:
+    """Replay, serve and a measuring client as three processes: per-stage latency, missed bins, CPU use and
+    live decode quality against the ground truth and the offline evaluation."""
+    from bench.latency import LatencyBenchConfig, run_latency_bench
+    from neds_rt import lsl_scope
+
+    lsl_scope.configure("machine")
+    cfg = LatencyBenchConfig(duration=duration, speed=speed, start=start, probe=probe, grace_ms=grace,
+                             engines=tuple(e.strip() for e in engines.split(",") if e.strip()))
+    try:
+        models = {e: (torchscript_model or model.with_suffix(".pt")) if e == "torchscript" else model
+                  for e in cfg.engines}
+        run_latency_bench(data, session, models, out, cfg)
+    except NedsRtError as err:
+        raise _fail(err) from err
+    typer.echo(f"wrote {out / 'latency.json'} and {out / 'latency.png'}")
 
 
 @bench_app.command("binning")

@@ -53,6 +53,11 @@ class DecodeLog:
     values: np.ndarray  # (R, C) float32 decoded values, columns ``labels``
     truncated: bool  # the file ended in a partial line (dropped)
 
+    def select(self, rows: np.ndarray) -> DecodeLog:
+        """The records where the (R,) bool mask ``rows`` is True."""
+        return DecodeLog(self.labels, self.bins[rows], self.bin_end[rows], self.stamps[rows],
+                         self.flags[rows], self.values[rows], self.truncated)
+
 
 def _header_line(labels: Sequence[str]) -> bytes:
     buf = io.StringIO()

@@ -1,0 +1,63 @@
+"""A short `bench latency` run (replay, serve, client as processes) produces a complete JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cache_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path]:
+    import torch
+
+    from streams.replay import load_replay_session
+    from streams.simulate import simulate_cache
+    from training.arrays import Normalisation
+    from training.config import NEDSConfig
+    from training.export import export_model
+    from training.model import NEDS, SessionVocab
+
+    root = tmp_path_factory.mktemp("latency")
+    eid = simulate_cache(root / "one", n_sessions=1, seed=5, n_trials=20)[0]
+    session = load_replay_session(root / "one", eid)
+    units = session.units.iloc[::3]  # the model uses a third of the stream's units
+    torch.manual_seed(0)
+    model = NEDS(NEDSConfig.preset("tiny", mode="streaming", dropout=0.0))
+    model.add_session(eid, len(units), vocab=SessionVocab(
+        eid, units["cluster_id"].to_numpy(np.int64), units["region"].to_numpy(str),
+        Normalisation(0.0, 5.0, 0.0, 10.0), session.probe))
+    export_model(model.eval(), eid, root / "step.onnx", context=32)
+    return root / "one", eid, root / "step.onnx"
+
+
+def test_short_run_writes_a_complete_result(cache_and_model: tuple[Path, str, Path], tmp_path: Path) -> None:
+    from bench.latency import STAGES, LatencyBenchConfig, run_latency_bench
+
+    data, eid, model = cache_and_model
+    cfg = LatencyBenchConfig(duration=8.0, speed=2.0, start=5.0, settle_s=1.0)
+    result = run_latency_bench(data, eid, model, tmp_path / "out", cfg)
+    doc = json.loads((tmp_path / "out" / "latency.json").read_text())
+    assert doc["session"] == eid and len(doc["runs"]) == 1
+    run = doc["runs"][0]
+    assert run["engine"] == "onnx"
+    for stage in STAGES:
+        p = run["stages_ms"][stage]
+        assert {"p50", "p90", "p99", "p99.9", "max"} <= set(p)
+        assert all(math.isfinite(p[k]) for k in ("p50", "p99", "max")), (stage, p)
+    c = run["counts"]
+    assert c["bins_logged"] >= 0.8 * 8.0 / 2.0 / 0.02  # ~4 s of stream time at 50 bins/s
+    assert c["bins_missing_from_log"] == 0
+    assert c["serve_unused_unit_spikes"] > 0  # the stream's other two thirds of the units
+    assert run["cpu"]["serve_cpu_s"] > 0 and run["cpu"]["replay_cpu_s"] > 0
+    q = run["quality"]
+    assert q["truth_samples"] > 0 and q["markers"] > 0
+    assert set(q["live"]) >= {"wheel_r2", "choice_accuracy"} and set(q["offline"]) == set(q["live"])
+    assert q["max_abs_decode_difference"] < 0.5  # same engine, same bins: equal unless spikes came late
+    assert (tmp_path / "out" / "latency.png").stat().st_size > 10_000
+    assert result["runs"][0]["counts"] == c
