@@ -55,6 +55,7 @@ class LatencyBenchConfig:
     threads: int = 1
     lead_s: float = 2.0  # replay's stream-time lead before the first spike
     settle_s: float = 1.5  # wait after replay ends for the last decodes
+    show_serve: bool = False  # serve's status lines on this console instead of its log file
 
     def check(self) -> None:
         if not self.duration > 0:
@@ -127,9 +128,12 @@ class _Client:
             t.join(timeout=2.0)
 
 
-def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], log_path: Path | None) -> subprocess.Popen[bytes]:
+    """``neds-rt ARGS`` as a subprocess, its output in ``log_path`` (or on this console when None)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "neds_rt.cli", *args]
+    if log_path is None:
+        return subprocess.Popen(cmd, env=env)
     with log_path.open("wb") as out:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
@@ -160,7 +164,8 @@ def _one_run(data: Path, session: str, model: Path, engine: str, cfg: LatencyBen
     serve = _spawn(["serve", "--model", str(model), "--engine", engine, "--stream", name, "--out-stream",
                     dec_name, "--log", str(log_csv), "--summary-json", str(serve_json), "--grace",
                     str(cfg.grace_ms), "--threads", str(cfg.threads), "--lsl-scope", "machine",
-                    "--status-every", "5", "--resolve-timeout", "180"], out / f"{engine}_serve.log")
+                    "--status-every", "5", "--resolve-timeout", "180"],
+                   None if cfg.show_serve else out / f"{engine}_serve.log")
     client = _Client(dec_name, name)
     replay: subprocess.Popen[bytes] | None = None
     t_wall = time.monotonic()
@@ -267,6 +272,9 @@ def _quality(data: Path, session: str, model: Path, engine: str, cfg: LatencyBen
             if sel.any() and choice in (-1, 1):
                 correct.append((values[sel, choice_col].mean() > 0.5) == (choice == 1))
         q["choice_accuracy"] = float(np.mean(correct)) if correct else float("nan")
+        cw = [c == 1 for t_on, t_fb, c in trials if c in (-1, 1) and
+              ((dlog.bin_end >= t_on) & (dlog.bin_end <= t_fb)).any()]
+        q["choice_chance"] = float(max(np.mean(cw), 1 - np.mean(cw))) if cw else float("nan")  # majority
         q["n_trials"] = len(correct)
         out[name] = q
     if offline is not None:
@@ -366,7 +374,7 @@ def _plot(path: Path, runs: list[dict[str, Any]]) -> None:
         total = np.array([np.nan if v is None else v for v in run["series"]["total_ms"]], dtype=float)
         axes[1].plot(run["series"]["bin"], total, lw=0.5, label=run["engine"])
     axes[0].axvline(2.0, color="r", ls="--", lw=1, label="2 ms budget")
-    axes[0].set(xscale="log", xlabel="bin close -> decode received (ms)", ylabel="fraction of bins",
+    axes[0].set(xscale="log", xlabel="latency (ms)", ylabel="fraction of bins",
                 title="latency CDF per stage")
     axes[1].set(xlabel="bin", ylabel="total latency (ms)", yscale="log", title="jitter over the run")
     for ax in axes:
