@@ -161,18 +161,10 @@ def _cuda_status() -> tuple[bool, str]:
 
 
 # ---- rows -------------------------------------------------------------------------------------------------
-def _ort_options(threads: int, spinning: bool | None) -> Any:
-    import onnxruntime as ort
+def _ort_options(threads: int, spinning: bool) -> Any:
+    from neds_rt.engine import ort_session_options
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if spinning is not None:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return opts
+    return ort_session_options(threads, spinning=spinning)
 
 
 def _ort_step_row(name: str, path: Path, cfg: InferenceBenchConfig, threads: int, batch: int = 1,
@@ -221,7 +213,7 @@ def _eager_step_row(model: Any, cfg: InferenceBenchConfig) -> _Row:
 def _naive_ort_row(name: str, path: Path, cfg: InferenceBenchConfig, threads: int) -> _Row:
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), sess_options=_ort_options(threads, None),
+    sess = ort.InferenceSession(str(path), sess_options=_ort_options(threads, False),
                                 providers=["CPUExecutionProvider"])
     window = np.zeros((1, cfg.context, cfg.n_units), dtype=np.float32)  # (1, C, N) the last C bins
 
@@ -315,9 +307,9 @@ def run_inference_bench(out: Path, cfg: InferenceBenchConfig | None = None) -> d
         rows: list[_Row] = [
             _ort_step_row(PRIMARY, step_onnx, cfg, threads=1),
             _ort_step_row("onnxruntime CPU step, 2 threads", step_onnx, cfg, threads=2,
-                          note="pool threads spin (onnxruntime default)"),
-            _ort_step_row("onnxruntime CPU step, 2 threads, no spinning", step_onnx, cfg, threads=2,
-                          spinning=False, note="session.intra_op.allow_spinning = 0"),
+                          note="no spinning (the engine's setting)"),
+            _ort_step_row("onnxruntime CPU step, 2 threads, spinning", step_onnx, cfg, threads=2,
+                          spinning=True, note="pool threads spin (onnxruntime's own default)"),
             _torchscript_row("TorchScript CPU step", step_ts, cfg),
             _eager_step_row(stream_model, cfg),
         ]

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 TINY: dict[str, Any] = dict(steps=24, warmup=4, baseline_steps=4, rounds=2, n_units=12, context=6, hidden=16,
                             heads=2, mlp=32, layers=2, cpu_batch=3, cuda_batches=(2,))
 
-STEP_ROWS = {PRIMARY, "onnxruntime CPU step, 2 threads", "onnxruntime CPU step, 2 threads, no spinning",
+STEP_ROWS = {PRIMARY, "onnxruntime CPU step, 2 threads", "onnxruntime CPU step, 2 threads, spinning",
              "TorchScript CPU step", "torch eager step", "onnxruntime CPU step, batch 3"}
 NAIVE_ROWS = {BASELINE, "naive: offline window recompute, torch eager"}
 CUDA_ROWS = {"onnxruntime CUDA step", "TorchScript CUDA step", "onnxruntime CUDA step, batch 2"}
