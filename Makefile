@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/neds-rt demo --out $(DEMO_DIR)
 
 lint: $(STAMP)
-	$(BIN)/ruff check neds_rt streams training bench tests
+	$(BIN)/ruff check --no-cache neds_rt streams training bench tests
 	$(BIN)/mypy
 
 test: lint

@@ -312,6 +312,7 @@ HAS_SIMULATOR = importlib.util.find_spec("streams.simulate") is not None
 @pytest.mark.slow
 def test_simulated_cache_loads(tmp_path: Path) -> None:
     from one.api import One
+
     from streams.simulate import simulate_cache
 
     eids = simulate_cache(tmp_path, n_sessions=2, seed=3, n_trials=30)

@@ -9,6 +9,7 @@ from neds_rt.errors import ConfigError, invalid
 
 MODES: Final = ("offline", "streaming")
 PRESETS: Final = ("tiny", "small", "default")
+SCHEMES: Final = ("encoding", "decoding", "within", "cross")  # training.masking.Scheme, lower case
 
 # Depth by number of pretraining sessions. The paper keeps 5 layers for small multi-session runs (up to 10
 # sessions) and uses deeper models for the full multi-animal pretraining; the larger steps are ours.
@@ -115,8 +116,16 @@ class TrainConfig:
     eval_batch_size: int = 32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # progress bar on rank 0
+    # masking schemes drawn in training (training.masking.Scheme names); ("encoding",) / ("decoding",) train
+    # the unimodal NEDS variants
+    schemes: tuple[str, ...] = SCHEMES
 
     def __post_init__(self) -> None:
+        self.schemes = tuple(self.schemes)
+        bad = [s for s in self.schemes if s not in SCHEMES]
+        if not self.schemes or bad or len(set(self.schemes)) != len(self.schemes):
+            raise invalid("TrainConfig.schemes", f"must be distinct names out of {SCHEMES}", self.schemes,
+                          "e.g. schemes=('encoding',) for encoding-only masking", kind=ConfigError)
         for name in ("epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -40,7 +40,7 @@ from training.checkpoint import (
 from training.config import NEDSConfig, TrainConfig
 from training.distributed import DistInfo, all_mean, barrier, init_distributed, shutdown, wrap
 from training.loader import Batch, check_splits, iter_batches, make_batch, plan_epoch
-from training.masking import draw_masks, eval_mask, masked_losses
+from training.masking import Scheme, draw_masks, eval_mask, masked_losses
 from training.model import NEDS, count_parameters, trial_logits
 
 log = logging.getLogger(__name__)
@@ -386,6 +386,7 @@ def _train(
         log.info("training %s sessions, %s parameters, %s steps/epoch x %s epochs on %s (world %s)",
                  len(data), n_params, steps_per_epoch, tcfg.epochs, device, info.world)
     gen = torch.Generator().manual_seed(tcfg.seed * 7919 + info.rank + 1)
+    schemes = tuple(Scheme[name.upper()] for name in tcfg.schemes)  # masking schemes drawn
     step_time, trials_seen = 0.0, 0
     net.train()
     for epoch in range(start_epoch, tcfg.epochs):
@@ -401,7 +402,7 @@ def _train(
             t0 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total_steps, tcfg)
-            mask, _ = draw_masks(batch.size, batch.spikes.shape[1], cfg.mask_ratio, gen)
+            mask, _ = draw_masks(batch.size, batch.spikes.shape[1], cfg.mask_ratio, gen, schemes)
             mask = mask.to(device)  # (B, M, T)
             pred = _forward(net, batch, mask)
             losses = masked_losses(pred, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block,

@@ -1,0 +1,425 @@
+"""``neds-rt bench quality``: NEDS against its baselines and its oracle ceiling, on held-out sessions.
+
+Sessions of the ONE cache at ``data`` (simulated there first when it holds none) are sorted by id; the first
+``n_pretrain`` pretrain a multi-session NEDS, the last ``n_heldout`` are evaluated. On each held-out session,
+on the same TRAIN / VAL / TEST splits (trained on TRAIN, selected on VAL, scored on TEST):
+
+- ``linear``: ridge / logistic decoders (:mod:`training.baselines`); ``rrr``: reduced-rank Poisson encoder;
+  ``psth``: its smoothed TRAIN PSTH alone;
+- ``neds_encoding`` / ``neds_decoding``: NEDS trained with one masking scheme only; ``neds_single``: NEDS,
+  all schemes, on the session alone; ``neds_multi``: the pretrained NEDS fine-tuned on the session;
+- ``oracle`` (simulated sessions): true rates for bits/spike, linear decoders on the true latents.
+
+Region classification uses each neuron's NEDS embedding (its column of the spike stitching layer and its row
+of the spike output head) from the pretrained model and the fine-tuned ones, against chance and PSTH
+features. Everything lands in ``out``: ``report.json``, ``report.md``, PNGs, and the models under ``models/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bench import quality_plots as plots
+from bench.quality_report import add_model_rows, assemble, clean, write_report
+from neds_rt.errors import ConfigError, DataError, invalid
+
+if TYPE_CHECKING:
+    from training.arrays import TrialArrays
+    from training.model import NEDS
+
+log = logging.getLogger(__name__)
+
+_PRESETS = ("tiny", "small", "default")
+_NOISE_LATENTS = ("noise_fast", "noise_mid", "noise_slow")  # the simulator's latents no behaviour reveals
+
+
+@dataclass
+class QualityConfig:
+    """Size of the comparison. The defaults are the full benchmark; :meth:`quick` is the few-minute one.
+
+    Run times (2-core CPU shared with other jobs, 1 torch thread): ``--quick`` measured 365-517 s. Full size
+    (10 + 2 IBL-like sessions, ~400 TRAIN trials each, ``default`` preset, 30 epochs per run) is estimated,
+    from a measured ~12 s per 16-trial step of the default model on that CPU, at ~25 h of pretraining plus
+    ~10 h per held-out session: run it on a GPU (not measured here).
+    """
+
+    n_pretrain: int = 10  # sessions the multi-session NEDS pretrains on
+    n_heldout: int = 2  # sessions every model is evaluated on
+    n_trials: int | None = None  # trials per simulated session (None: IBL-like draw); only when simulating
+    preset: str = "default"  # NEDSConfig preset of every NEDS
+    epochs: int = 30  # single-session and unimodal NEDS
+    pretrain_epochs: int = 30
+    finetune_epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    simulate: bool = True  # simulate sessions into an empty ``data`` folder
+    threads: int = 1  # torch CPU threads (the machine is shared)
+    device: str = "auto"
+    region_folds: int = 5
+    plot_trials: tuple[int, ...] = (0, 1, 2)
+    plot_neurons: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("n_pretrain", "n_heldout", "epochs", "pretrain_epochs", "finetune_epochs", "batch_size",
+                     "threads", "region_folds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise invalid(f"QualityConfig.{name}", "must be an integer >= 1", value, kind=ConfigError)
+        if self.preset not in _PRESETS:
+            raise invalid("QualityConfig.preset", f"must be one of {_PRESETS}", self.preset, kind=ConfigError)
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> QualityConfig:
+        """4 pretraining + 1 held-out session of 150 trials, tiny model, few epochs: minutes on a CPU."""
+        base: dict[str, Any] = dict(n_pretrain=4, n_heldout=1, n_trials=150, preset="tiny", epochs=15,
+                                    pretrain_epochs=10, finetune_epochs=15)
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclass
+class _Held:
+    """What the plots need of one held-out session."""
+
+    arr: TrialArrays
+    test: np.ndarray  # (K_test,) rows
+    wheel: dict[str, np.ndarray] = field(default_factory=dict)  # model -> (K_test, T)
+    whisker: dict[str, np.ndarray] = field(default_factory=dict)
+    rates: dict[str, np.ndarray] = field(default_factory=dict)  # model -> (K_test, T, N) expected counts
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+def prepare_sessions(data: Path, cfg: QualityConfig) -> tuple[list[str], list[str]]:
+    """(pretraining eids, held-out eids) of the ONE cache at ``data``, simulated first when it is empty."""
+    from streams.load import open_one
+
+    data = Path(data)
+    need = cfg.n_pretrain + cfg.n_heldout
+    if not (data / "sessions.pqt").exists():
+        if not cfg.simulate:
+            raise invalid("--data", "holds no ONE cache (sessions.pqt)", str(data),
+                          "point it at a ONE cache, or let bench quality simulate one", kind=DataError)
+        from streams.simulate import simulate_cache
+
+        log.info("simulating %s sessions into %s", need, data)
+        simulate_cache(data, need, seed=cfg.seed, n_trials=cfg.n_trials)
+    eids = sorted(str(e) for e in open_one(data).search())
+    if len(eids) < need:
+        raise invalid("--data", f"must hold n_pretrain + n_heldout = {need} sessions", len(eids),
+                      "lower the session counts, or simulate into an empty folder", kind=DataError)
+    return eids[: cfg.n_pretrain], eids[-cfg.n_heldout :]
+
+
+def _has_ground_truth(data: Path, arr: TrialArrays) -> bool:
+    from streams.ground_truth import ground_truth_path
+
+    return ground_truth_path(Path(data), arr.eid, arr.probe).exists()
+
+
+# ---- NEDS ----------------------------------------------------------------------------------------------
+def _train_neds(arrays: Mapping[str, TrialArrays], out: Path, cfg: QualityConfig, epochs: int, *,
+                schemes: tuple[str, ...] | None = None, finetune_from: Path | None = None) -> NEDS:
+    """Train (or fine-tune) and return the VAL-best model (``best.pt``); with ``schemes`` (a unimodal
+    variant, whose VAL score would average in the heads it never trains) the last epoch's (``last.pt``)."""
+    from training.checkpoint import load_checkpoint
+    from training.config import SCHEMES, NEDSConfig, TrainConfig
+    from training.train import train
+
+    tcfg = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, progress=False,
+                       device=cfg.device, schemes=schemes or SCHEMES)
+    model_cfg = None if finetune_from else NEDSConfig.preset(cfg.preset, n_sessions=len(arrays))
+    train(dict(arrays), out, model_cfg, tcfg, finetune_from=finetune_from)
+    return load_checkpoint(out / ("last.pt" if schemes else "best.pt"))
+
+
+def neds_predict(
+    model: NEDS, arr: TrialArrays, rows: np.ndarray, batch_size: int = 32
+) -> dict[str, np.ndarray]:
+    """Predictions on ``rows``: encoding mask -> ``log_rates`` (K, T, N); decoding mask -> ``wheel``,
+    ``whisker`` (K, T) and ``choice`` (K, 2), ``block`` (K, 3) class probabilities."""
+    import torch
+
+    from training.loader import make_batch
+    from training.masking import eval_mask
+    from training.model import trial_logits
+
+    device = next(model.parameters()).device
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("log_rates", "wheel", "whisker", "choice", "block")}
+    with torch.no_grad():
+        for start in range(0, rows.size, batch_size):
+            b = make_batch(arr, rows[start : start + batch_size], device)
+            args = (b.eid, b.spikes, b.wheel, b.whisker, b.choice, b.block)
+            enc = model(*args, eval_mask("encoding", b.size, b.spikes.shape[1]).to(device))
+            dec = model(*args, eval_mask("decoding", b.size, b.spikes.shape[1]).to(device))
+            parts["log_rates"].append(enc.spikes.cpu().numpy())  # (B, T, N) log expected counts
+            parts["wheel"].append(dec.wheel.cpu().numpy())  # (B, T)
+            parts["whisker"].append(dec.whisker.cpu().numpy())
+            parts["choice"].append(trial_logits(dec.choice).softmax(-1).cpu().numpy())  # (B, 2)
+            parts["block"].append(trial_logits(dec.block).softmax(-1).cpu().numpy())  # (B, 3)
+    return {k: np.concatenate(v).astype(np.float64) for k, v in parts.items()}
+
+
+def neds_metrics(pred: Mapping[str, np.ndarray], arr: TrialArrays, rows: np.ndarray,
+                 tasks: tuple[str, ...] = ("encoding", "decoding")) -> dict[str, float | None]:
+    """Every metric of NEDS predictions on ``rows`` (None for the tasks not in ``tasks``)."""
+    from training.metrics import accuracy, balanced_accuracy, bits_per_spike_from_log, r2
+
+    out: dict[str, float | None] = {}
+    if "encoding" in tasks:
+        out["bits_per_spike"] = clean(bits_per_spike_from_log(pred["log_rates"], arr.spikes[rows]))
+    if "decoding" in tasks:
+        out["wheel_r2"] = clean(r2(pred["wheel"], arr.wheel[rows]))
+        out["whisker_r2"] = clean(r2(pred["whisker"], arr.whisker[rows]))
+        for name in ("choice", "block"):
+            guess = pred[name].argmax(axis=1)  # (K,)
+            true = np.asarray(getattr(arr, name))[rows]
+            out[f"{name}_accuracy"] = clean(accuracy(guess, true))
+            out[f"{name}_balanced_accuracy"] = clean(balanced_accuracy(guess, true))
+    return out
+
+
+def neuron_embeddings(model: NEDS, eid: str) -> np.ndarray:
+    """(N, 2 * hidden): each neuron's column of the spike stitching and its row of the spike output head."""
+    mods = model.session(eid)
+    stitch = mods.stitch.weight.detach().cpu().numpy().T  # (N, hidden) from (hidden, N)
+    head = mods.spikes_out.weight.detach().cpu().numpy()  # (N, hidden)
+    return np.concatenate([stitch, head], axis=1).astype(np.float64)
+
+
+# ---- per-session baselines and oracle --------------------------------------------------------------------
+def _baselines(arr: TrialArrays, held: _Held) -> dict[str, dict[str, float | None]]:
+    from training.baselines import fit_rrr_encoder
+    from training.metrics import bits_per_spike
+
+    linear = _linear_decoders(arr, held)
+    enc = fit_rrr_encoder(arr)
+    y = arr.spikes[held.test]
+    held.rates["rrr"] = enc.rates
+    psth = float(enc.psth_bits_per_spike)
+    return {"linear": linear, "rrr": {"bits_per_spike": clean(bits_per_spike(enc.rates, y))},
+            "psth": {"bits_per_spike": clean(psth)}}
+
+
+def _linear_decoders(arr: TrialArrays, held: _Held) -> dict[str, float | None]:
+    """The linear decoders' TEST scores; when a label has one class on TRAIN (e.g. no biased block yet in a
+    short session) the classifiers are left out (None) and the ridge decoders still run."""
+    from training.arrays import TRAIN
+    from training.baselines import LinearConfig, fit_lagged_ridge, fit_linear_decoders, spike_features
+
+    try:
+        dec = fit_linear_decoders(arr)
+        reg = dec.regression
+        scores = dec.metrics()
+    except DataError as err:
+        log.warning("session %s: linear classifiers left out (%s)", arr.eid, err)
+        lin = LinearConfig()
+        feats = spike_features(arr.spikes, arr.subset(TRAIN), max_components=lin.max_components,
+                               sqrt=lin.sqrt_spikes)  # (K, T, D)
+        reg = fit_lagged_ridge(feats, {"wheel": arr.wheel, "whisker": arr.whisker}, arr.split, lags=lin.lags,
+                               alphas=lin.alphas)
+        scores = {f"{k}_r2": v.r2 for k, v in reg.items()}
+    held.wheel["linear"] = reg["wheel"].pred
+    held.whisker["linear"] = reg["whisker"].pred
+    return {k: clean(v) for k, v in scores.items()}
+
+
+def _oracle(data: Path, arr: TrialArrays, held: _Held) -> dict[str, float | None]:
+    from training.metrics import bits_per_spike
+    from training.oracle import decoding_ceiling, true_latents_for, true_rates_for
+
+    rates = true_rates_for(arr, data)  # (K, T, N) true expected counts
+    held.rates["oracle"] = rates[held.test]
+    out: dict[str, float | None] = {"bits_per_spike": clean(bits_per_spike(rates[held.test],
+                                                                           arr.spikes[held.test]))}
+    try:  # the best a model can do without the simulator's private noise latents (behaviour-only encoders)
+        known = true_rates_for(arr, data, marginalise=_NOISE_LATENTS)[held.test]  # (K_test, T, N)
+        out["bits_per_spike_without_noise_latents"] = clean(bits_per_spike(known, arr.spikes[held.test]))
+    except DataError as err:
+        log.info("session %s: no noise-marginalised oracle (%s)", arr.eid, err)
+    try:
+        ceiling = decoding_ceiling(true_latents_for(arr, data), arr)
+    except DataError as err:
+        log.warning("session %s: no decoding ceiling (%s)", arr.eid, err)
+        return out
+    out.update({k: clean(v) for k, v in ceiling.metrics().items()})
+    return out
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+def run_quality(data: Path | str, out: Path | str, cfg: QualityConfig | None = None,
+                command: str = "neds-rt bench quality") -> dict[str, Any]:
+    """Run the whole comparison; write ``report.json``, ``report.md`` and PNGs to ``out``; return it."""
+    cfg = cfg or QualityConfig()
+    data, out = Path(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    with _torch_threads(cfg.threads):
+        report = _run(data, out, cfg, command)
+    report["timing"]["total_s"] = time.perf_counter() - t_all
+    write_report(report, out)
+    log.info("quality report in %s (%.0f s)", out, report["timing"]["total_s"])
+    return report
+
+
+def _run(data: Path, out: Path, cfg: QualityConfig, command: str) -> dict[str, Any]:
+    from streams.load import open_one
+    from training.arrays import TEST, TRAIN
+    from training.cache import load_arrays
+    from training.oracle import chance_levels
+
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    pre, heldout = prepare_sessions(data, cfg)
+    one = open_one(data)
+    arrays = {e: load_arrays(one, e, cache_root=out / "array_cache")[0] for e in (*pre, *heldout)}
+    timing["data_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pretrained_dir = out / "models" / "pretrain"
+    pretrained = _train_neds({e: arrays[e] for e in pre}, pretrained_dir, cfg, cfg.pretrain_epochs)
+    timing["pretrain_s"] = time.perf_counter() - t0
+    results: dict[str, dict[str, dict[str, float | None]]] = {}
+    ceilings: dict[str, dict[str, float | None]] = {}
+    chances: dict[str, dict[str, float | None]] = {}
+    helds: dict[str, _Held] = {}
+    finetuned: dict[str, NEDS] = {}
+    for eid in heldout:
+        arr = arrays[eid]
+        held = helds[eid] = _Held(arr=arr, test=arr.subset(TEST))
+        t0 = time.perf_counter()
+        rows = _baselines(arr, held)
+        chances[eid] = {k: clean(v) for k, v in chance_levels(arr).items()}
+        if _has_ground_truth(data, arr):
+            ceilings[eid] = _oracle(data, arr, held)
+            rows["oracle"] = dict(ceilings[eid])
+        timing[f"baselines_{eid}_s"] = time.perf_counter() - t0
+        models_dir = out / "models" / eid
+        variants: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]] = {
+            "neds_encoding": (("encoding",), ("encoding",)),
+            "neds_decoding": (("decoding",), ("decoding",)),
+            "neds_single": (("encoding", "decoding"), None),
+        }
+        for name, (tasks, schemes) in variants.items():
+            t0 = time.perf_counter()
+            model = _train_neds({eid: arr}, models_dir / name, cfg, cfg.epochs, schemes=schemes)
+            pred = neds_predict(model, arr, held.test)
+            rows[name] = neds_metrics(pred, arr, held.test, tasks)
+            _keep_preds(held, name, pred)
+            timing[f"{name}_{eid}_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model = _train_neds({eid: arr}, models_dir / "neds_multi", cfg, cfg.finetune_epochs,
+                            finetune_from=pretrained_dir / "best.pt")
+        finetuned[eid] = model
+        pred = neds_predict(model, arr, held.test)
+        rows["neds_multi"] = neds_metrics(pred, arr, held.test)
+        _keep_preds(held, "neds_multi", pred)
+        timing[f"neds_multi_{eid}_s"] = time.perf_counter() - t0
+        results[eid] = rows
+    t0 = time.perf_counter()
+    regions, region_data = _regions(arrays, pre, pretrained, finetuned, cfg)
+    timing["regions_s"] = time.perf_counter() - t0
+    extra: dict[str, Any] = {
+        "command": command, "config": asdict(cfg), "data": str(data), "pretrain_sessions": pre,
+        "heldout_sessions": heldout, "timing": timing,
+        "n_units": {e: int(arrays[e].n_units) for e in arrays},
+        "n_trials": {e: {s: int((arrays[e].split == v).sum()) for s, v in (("train", TRAIN), ("test", TEST))}
+                     for e in arrays},
+    }
+    report = assemble(results, ceilings=ceilings, chances=chances, regions=regions, extra=extra)
+    t0 = time.perf_counter()
+    report["plots"] = _plots(out, report, helds, region_data, cfg)
+    timing["plots_s"] = time.perf_counter() - t0
+    return report
+
+
+def _keep_preds(held: _Held, name: str, pred: Mapping[str, np.ndarray]) -> None:
+    if name in ("neds_single", "neds_multi"):
+        held.wheel[name] = pred["wheel"]
+        held.whisker[name] = pred["whisker"]
+        held.rates[name] = np.exp(pred["log_rates"])  # (K_test, T, N) expected counts
+
+
+def _regions(arrays: Mapping[str, TrialArrays], pre: list[str], pretrained: NEDS,
+             finetuned: Mapping[str, NEDS], cfg: QualityConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Region classification from NEDS neuron embeddings vs PSTH features, pooled over all sessions."""
+    from training.arrays import TRAIN
+    from training.regions import classify_regions, psth_features
+
+    emb, psth, regions = [], [], []
+    for eid, model in [*((e, pretrained) for e in pre), *finetuned.items()]:
+        arr = arrays[eid]
+        emb.append(neuron_embeddings(model, eid))
+        psth.append(psth_features(arr.spikes, rows=arr.subset(TRAIN), choice=arr.choice, smooth_bins=1.0))
+        regions.append(np.asarray(arr.regions).astype(str))
+    x_emb, x_psth, reg = np.concatenate(emb), np.concatenate(psth), np.concatenate(regions)
+    try:
+        neds = classify_regions(x_emb, reg, n_splits=cfg.region_folds, seed=cfg.seed)
+        base = classify_regions(x_psth, reg, n_splits=cfg.region_folds, seed=cfg.seed)
+    except DataError as err:
+        log.warning("region classification skipped: %s", err)
+        return {"skipped": str(err)}, {}
+    scores = {
+        "neds_accuracy": neds.accuracy, "neds_balanced_accuracy": neds.balanced_accuracy,
+        "psth_accuracy": base.accuracy, "psth_balanced_accuracy": base.balanced_accuracy,
+        "chance_majority": neds.chance_majority, "chance_uniform": neds.chance_uniform,
+        "n_neurons": int(neds.kept.size), "n_regions": int(neds.classes.size), "n_splits": neds.n_splits,
+        "classes": neds.classes.tolist(), "dropped": neds.dropped, "sessions": len(emb),
+        "features": "stitching column + spike-head row of each neuron (pretrained and fine-tuned NEDS)",
+        "confusion": neds.confusion.tolist(), "psth_confusion": base.confusion.tolist(),
+    }
+    return scores, {"emb": x_emb, "regions": reg, "neds": neds, "psth": base}
+
+
+def _plots(out: Path, report: Mapping[str, Any], helds: Mapping[str, _Held], region_data: Mapping[str, Any],
+           cfg: QualityConfig) -> list[str]:
+    from training.regions import plot_confusion, plot_projection
+
+    paths = [plots.plot_multi_vs_single(report["results"], out / "multi_vs_single.png")]
+    eid, held = next(iter(helds.items()))
+    for target in ("wheel", "whisker"):
+        true = getattr(held.arr, target)[held.test]
+        paths.append(plots.plot_traces(true, getattr(held, target), out / f"traces_{target}.png",
+                                       target=target, trials=cfg.plot_trials))
+    counts = held.arr.spikes[held.test]  # (K_test, T, N)
+    top = np.argsort(counts.sum(axis=(0, 1)))[::-1][: cfg.plot_neurons].tolist()  # the busiest neurons
+    paths.append(plots.plot_psths(counts, held.rates, top, out / "psths.png"))
+    if region_data:
+        paths.append(plot_projection(region_data["emb"], region_data["regions"],
+                                     out / "regions_projection.png",
+                                     title="NEDS neuron embeddings by region (PCA)"))
+        paths.append(plot_confusion(region_data["neds"], out / "regions_confusion.png"))
+        paths.append(plot_confusion(region_data["psth"], out / "regions_confusion_psth.png",
+                                    title="PSTH baseline"))
+    log.info("plots of held-out session %s written", eid)
+    return [p.name for p in paths]
+
+
+def add_streaming_rows(report: dict[str, Any], rows: Mapping[str, Mapping[str, float | None]],
+                       out: Path | str | None = None, model: str = "neds_streaming") -> dict[str, Any]:
+    """Hook for issue 5: add a streaming model's scores ``{eid: {metric: value}}`` on the held-out sessions
+    (e.g. its causal decodes of continuous data) and rewrite the report in ``out`` when given."""
+    new = add_model_rows(report, model, rows, note="streaming (causal) NEDS decodes on held-out sessions")
+    if out is not None:
+        write_report(new, out)
+    return new

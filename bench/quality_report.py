@@ -1,0 +1,274 @@
+"""Assemble the quality report (``report.json``) from per-session scores, and write it as Markdown.
+
+Pure functions on plain dicts, so they are tested on hand-made numbers. The raw input is
+
+- ``results``: ``{eid: {model: {metric: value or None}}}``, TEST-split scores of every held-out session
+  (``None`` where a model does not do a task, e.g. the ridge decoders have no bits/spike);
+- ``ceilings`` / ``chances``: ``{eid: {metric: value}}`` from the oracle (simulated sessions only) and the
+  chance levels; ``regions``: the region-classification scores.
+
+:func:`assemble` adds session means, fractions of the ceiling and the issue's done-when checks;
+:func:`add_model_rows` lets a later caller (issue 5's streaming rows) add a model and re-assemble.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from neds_rt.errors import DataError, invalid
+
+METRICS: Final = (
+    "bits_per_spike", "wheel_r2", "whisker_r2", "choice_accuracy", "choice_balanced_accuracy",
+    "block_accuracy", "block_balanced_accuracy",
+)
+# the paper's five tasks and the metric each is judged on
+TASKS: Final = {
+    "encoding": "bits_per_spike", "wheel": "wheel_r2", "whisker": "whisker_r2",
+    "choice": "choice_balanced_accuracy", "block": "block_balanced_accuracy",
+}
+MODELS: Final = (
+    "oracle", "psth", "linear", "rrr", "neds_encoding", "neds_decoding", "neds_single", "neds_multi",
+)
+MODEL_NOTES: Final = {
+    "oracle": "ceiling: true rates (encoding), linear decoders on the true latents (decoding)",
+    "psth": "smoothed TRAIN PSTH of each neuron (encoding reference)",
+    "linear": "ridge on lagged spikes (wheel, whisker), logistic regression (choice, block)",
+    "rrr": "reduced-rank Poisson regression encoder from behaviour",
+    "neds_encoding": "NEDS trained with encoding masking only (single session)",
+    "neds_decoding": "NEDS trained with decoding masking only (single session)",
+    "neds_single": "NEDS, all four masking schemes, trained on the held-out session alone",
+    "neds_multi": "NEDS pretrained on the other sessions, fine-tuned on the held-out session",
+}
+HEADLINE: Final = "neds_multi"  # the NEDS row the done-when checks judge
+BASELINE_FOR_TASK: Final = {"encoding": "rrr", "wheel": "linear", "whisker": "linear", "choice": "linear",
+                            "block": "linear"}
+
+Rows = dict[str, dict[str, dict[str, float | None]]]  # eid -> model -> metric -> value
+
+
+def clean(value: Any) -> float | None:
+    """A finite float, or None (JSON has no NaN)."""
+    if value is None:
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def model_order(results: Rows) -> list[str]:
+    """Models present, in :data:`MODELS` order, then any others (e.g. streaming rows) in first-seen order."""
+    seen: list[str] = []
+    for per in results.values():
+        for m in per:
+            if m not in seen:
+                seen.append(m)
+    return [m for m in MODELS if m in seen] + [m for m in seen if m not in MODELS]
+
+
+def complete(results: Rows) -> Rows:
+    """Every model x metric x session present (None where missing), values cleaned."""
+    models = model_order(results)
+    return {eid: {m: {k: clean(per.get(m, {}).get(k)) for k in METRICS} for m in models}
+            for eid, per in results.items()}
+
+
+def session_means(results: Rows) -> dict[str, dict[str, float | None]]:
+    """model -> metric -> mean over sessions (None when no session has the value)."""
+    models = model_order(results)
+    return {m: {k: _mean([results[e].get(m, {}).get(k) for e in results]) for k in METRICS} for m in models}
+
+
+def fraction(value: float | None, ceiling: float | None, chance: float | None) -> float | None:
+    """``(value - chance) / (ceiling - chance)``; None when undefined (no ceiling, ceiling at chance)."""
+    if value is None or ceiling is None or chance is None or ceiling - chance <= 1e-12:
+        return None
+    return (value - chance) / (ceiling - chance)
+
+
+def fractions(
+    results: Rows, ceilings: Mapping[str, Mapping[str, float | None]],
+    chances: Mapping[str, Mapping[str, float | None]],
+) -> Rows:
+    """eid -> model -> metric -> fraction of the session's ceiling (models other than the oracle)."""
+    out: Rows = {}
+    for eid, per in results.items():
+        ceil, ch = ceilings.get(eid, {}), chances.get(eid, {})
+        out[eid] = {m: {k: fraction(v, clean(ceil.get(k)), clean(ch.get(k))) for k, v in vals.items()}
+                    for m, vals in per.items() if m != "oracle"}
+    return out
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def done_checks(mean: Mapping[str, Mapping[str, float | None]], regions: Mapping[str, Any] | None
+                ) -> list[dict[str, Any]]:
+    """The issue's done-when checks on session means: ``{name, passed (bool or None), detail}``.
+
+    ``passed`` is None when a number is missing (that model or score was not run)."""
+    checks: list[dict[str, Any]] = []
+    neds = mean.get(HEADLINE, {})
+
+    def compare(name: str, a_name: str, a: float | None, b_name: str, b: float | None) -> None:
+        passed = None if a is None or b is None else bool(a > b)
+        checks.append({"name": name, "passed": passed,
+                       "detail": f"{a_name} {_fmt(a)} vs {b_name} {_fmt(b)}"})
+
+    for task, metric in TASKS.items():
+        base = BASELINE_FOR_TASK[task]
+        compare(f"NEDS beats the linear baseline on {task} ({metric})", HEADLINE, neds.get(metric),
+                base, mean.get(base, {}).get(metric))
+    single = mean.get("neds_single", {})
+    for task in ("encoding", "wheel"):
+        metric = TASKS[task]
+        compare(f"multi-session NEDS beats single-session NEDS on {task} ({metric})", HEADLINE,
+                neds.get(metric), "neds_single", single.get(metric))
+    reg = dict(regions or {})
+    compare("region classification from NEDS embeddings beats chance (accuracy)", "neds embeddings",
+            clean(reg.get("neds_accuracy")), "chance (majority)", clean(reg.get("chance_majority")))
+    compare("region classification from NEDS embeddings beats the PSTH baseline (accuracy)",
+            "neds embeddings", clean(reg.get("neds_accuracy")), "psth", clean(reg.get("psth_accuracy")))
+    return checks
+
+
+def assemble(
+    results: Rows,
+    *,
+    ceilings: Mapping[str, Mapping[str, float | None]] | None = None,
+    chances: Mapping[str, Mapping[str, float | None]] | None = None,
+    regions: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The whole report as a JSON-ready dict (see the module doc for the inputs)."""
+    if not results:
+        raise invalid("results", "must hold at least one held-out session", 0,
+                      "run the comparison on one or more held-out sessions", kind=DataError)
+    full = complete(results)
+    ceil = {e: {k: clean(v) for k, v in c.items()} for e, c in (ceilings or {}).items()}
+    ch = {e: {k: clean(v) for k, v in c.items()} for e, c in (chances or {}).items()}
+    fr = fractions(full, ceil, ch)
+    mean = session_means(full)
+    report: dict[str, Any] = dict(extra or {})
+    report.update({
+        "metrics": list(METRICS), "tasks": dict(TASKS), "models": model_order(full),
+        "model_notes": {m: MODEL_NOTES.get(m, "") for m in model_order(full)},
+        "sessions_evaluated": sorted(full), "results": full, "mean": mean,
+        "ceilings": ceil, "chances": ch, "fraction_of_ceiling": fr, "fraction_of_ceiling_mean":
+        session_means(fr) if fr else {}, "regions": dict(regions or {}),
+    })
+    report["checks"] = done_checks(mean, regions)
+    return report
+
+
+def add_model_rows(report: dict[str, Any], model: str, rows: Mapping[str, Mapping[str, float | None]],
+                   note: str = "") -> dict[str, Any]:
+    """Add one model's per-session scores ``{eid: {metric: value}}`` (e.g. a streaming NEDS's decodes on
+    held-out sessions) and re-assemble means, fractions and checks. Sessions must be in the report."""
+    unknown = sorted(set(rows) - set(report["results"]))
+    if unknown:
+        raise invalid(f"rows of {model}", "name sessions the report did not evaluate", unknown,
+                      f"pass scores for {report['results'] and sorted(report['results'])}", kind=DataError)
+    results = {e: {m: dict(v) for m, v in per.items()} for e, per in report["results"].items()}
+    for eid, vals in rows.items():
+        results[eid][model] = dict(vals)
+    keep = {k: v for k, v in report.items() if k not in {
+        "metrics", "tasks", "models", "model_notes", "sessions_evaluated", "results", "mean", "ceilings",
+        "chances", "fraction_of_ceiling", "fraction_of_ceiling_mean", "regions", "checks"}}
+    new = assemble(results, ceilings=report.get("ceilings"), chances=report.get("chances"),
+                   regions=report.get("regions"), extra=keep)
+    if note:
+        new["model_notes"][model] = note
+    for m, n in report.get("model_notes", {}).items():
+        new["model_notes"].setdefault(m, n)
+    return new
+
+
+# ---- markdown ------------------------------------------------------------------------------------------
+_SHORT: Final = {"bits_per_spike": "bits/spike", "wheel_r2": "wheel R2", "whisker_r2": "whisker R2",
+                 "choice_accuracy": "choice acc", "choice_balanced_accuracy": "choice bal acc",
+                 "block_accuracy": "block acc", "block_balanced_accuracy": "block bal acc"}
+
+
+def table(rows: Mapping[str, Mapping[str, float | None]], models: Sequence[str]) -> list[str]:
+    """A Markdown table: one row per model, one column per metric."""
+    lines = ["| model | " + " | ".join(_SHORT[k] for k in METRICS) + " |",
+             "|---|" + "---:|" * len(METRICS)]
+    for m in models:
+        if m in rows:
+            lines.append(f"| {m} | " + " | ".join(_fmt(rows[m].get(k)) for k in METRICS) + " |")
+    return lines
+
+
+def summary_table(report: Mapping[str, Any]) -> str:
+    """The session-mean table (the issue's summary table)."""
+    return "\n".join(table(report["mean"], report["models"]))
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """``report.md``: the mean table, fractions of the ceiling, per-session tables, regions and checks."""
+    models = report["models"]
+    out = ["# neds-rt quality report", ""]
+    cfg = report.get("config")
+    if cfg:
+        out += [f"Command: `{report.get('command', 'neds-rt bench quality')}`", "",
+                f"Pretraining sessions: {len(report.get('pretrain_sessions', []))}; held-out sessions: "
+                f"{len(report['sessions_evaluated'])}; preset `{cfg.get('preset')}`; run time "
+                f"{_fmt(report.get('timing', {}).get('total_s'), 0)} s.", ""]
+    out += ["All scores on the TEST trials of the held-out sessions; bits/spike against a null model of each "
+            "neuron's mean TEST rate, averaged over neurons; R2 single-trial over all bins.", "",
+            "## Mean over held-out sessions", ""]
+    out += [*table(report["mean"], models), ""]
+    if report.get("fraction_of_ceiling_mean"):
+        out += ["## Fraction of the oracle ceiling (mean over sessions; 0 = chance, 1 = ceiling)", ""]
+        out += [*table(report["fraction_of_ceiling_mean"], models), ""]
+    for eid in report["sessions_evaluated"]:
+        out += [f"## Session {eid}", "", *table(report["results"][eid], models), ""]
+        noise_free = report.get("ceilings", {}).get(eid, {}).get("bits_per_spike_without_noise_latents")
+        if noise_free is not None:
+            out += [f"Oracle bits/spike with the simulator's private noise latents averaged out (the best a "
+                    f"model can do from behaviour alone): {_fmt(noise_free)}.", ""]
+    reg = report.get("regions") or {}
+    if reg:
+        out += ["## Brain-region classification from neuron embeddings", "",
+                "| features | accuracy | balanced accuracy |", "|---|---:|---:|",
+                f"| NEDS embeddings | {_fmt(clean(reg.get('neds_accuracy')))} | "
+                f"{_fmt(clean(reg.get('neds_balanced_accuracy')))} |",
+                f"| PSTH baseline | {_fmt(clean(reg.get('psth_accuracy')))} | "
+                f"{_fmt(clean(reg.get('psth_balanced_accuracy')))} |",
+                f"| chance | {_fmt(clean(reg.get('chance_majority')))} (majority) | "
+                f"{_fmt(clean(reg.get('chance_uniform')))} (uniform) |", "",
+                f"{reg.get('n_neurons', '?')} neurons, {reg.get('n_regions', '?')} regions, "
+                f"{reg.get('n_splits', '?')}-fold cross-validated logistic regression; "
+                f"features: {reg.get('features', '?')}.", ""]
+    out += ["## Done-when checks", "", "| check | result | numbers |", "|---|---|---|"]
+    for c in report["checks"]:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c["passed"]]
+        out.append(f"| {c['name']} | {verdict} | {c['detail']} |")
+    out += ["", "## Models", ""] + [f"- `{m}`: {report['model_notes'].get(m, '')}" for m in models]
+    if report.get("plots"):
+        out += ["", "## Plots", ""] + [f"- [{p}]({p})" for p in report["plots"]]
+    timing = report.get("timing")
+    if timing:
+        out += ["", "## Run time (s)", ""] + [f"- {k}: {_fmt(clean(v), 1)}" for k, v in timing.items()]
+    return "\n".join(out) + "\n"
+
+
+def write_report(report: Mapping[str, Any], out: Path | str) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into the folder ``out``; return their paths."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    js, md = folder / "report.json", folder / "report.md"
+    tmp = js.with_name(js.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, allow_nan=False, default=str))
+    tmp.replace(js)
+    md.write_text(markdown(report))
+    return js, md
