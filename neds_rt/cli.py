@@ -82,6 +82,9 @@ def train(
                           "torch.distributed.run --standalone --nproc_per_node N` (DDP).")
     ] = 1,
     preset: Annotated[str, typer.Option(help="Model size: tiny, small or default (the paper).")] = "default",
+    tokens: Annotated[str, typer.Option(
+        help="Tokens per bin: modality (the paper's 5 per bin), fused (1 per bin) or auto (fused when "
+             "streaming, modality offline).")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Trials per step per process.")] = 16,
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 1e-3,
     mask_ratio: Annotated[float | None, typer.Option(help="Default 0.3, or 0.1 when fine-tuning.")] = None,
@@ -117,7 +120,7 @@ def train(
         arrays = load_run_arrays(data, chosen, cache_root=array_cache, mode=mode, seed=seed)
         model_cfg = None
         if finetune_from is None and not resume:
-            model_cfg = NEDSConfig.preset(preset, n_sessions=len(arrays), mode=mode)
+            model_cfg = NEDSConfig.preset(preset, n_sessions=len(arrays), mode=mode, tokens=tokens)
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps,
                            device=device, progress=progress)
         result = run_training(arrays, out, model_cfg, tcfg, finetune_from=finetune_from,
@@ -214,7 +217,7 @@ def serve(
 
         doc = {**summary.to_dict(), "t0": server.t0, "first_bin": server.first_bin,
                "last_bin": server.last_bin, "bin_size": server.bin_size, "log": str(log_path),
-               "model": str(model), "engine": engine}
+               "model": str(model), "engine": engine, "late_events": server.late_events()}
         summary_json.write_text(json.dumps(doc, indent=1, default=float))
 
 

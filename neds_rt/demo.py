@@ -152,7 +152,11 @@ def _summary(result: dict[str, Any], folder: Path) -> None:
             typer.echo(f"   decode quality {name:<7}: wheel R² {q[name].get('wheel_r2', float('nan')):.3f}, "
                        f"choice accuracy {q[name]['choice_accuracy']:.2f} over {q[name]['n_trials']} trials "
                        f"(majority-class chance {q[name]['choice_chance']:.2f})")
-    typer.echo(f"   max |live - offline| decode: {q.get('max_abs_decode_difference', float('nan')):.2e}")
+    served = q.get("as_served", {})
+    nan = float("nan")
+    typer.echo(f"   max |live - offline| decode: {q.get('max_abs_decode_difference', nan):.2e}; less the "
+               f"{served.get('late_spikes_dropped', 0)} late spikes serve dropped: "
+               f"{served.get('max_abs_decode_difference', nan):.2e}")
     cpu = run["cpu"]
     typer.echo(f"   CPU: serve {cpu['serve_cpu_pct']:.0f} %, replay {cpu['replay_cpu_pct']:.0f} %")
     typer.echo(f"   plots: {folder / 'latency.png'}; figures: {folder / 'latency.json'}")

@@ -65,11 +65,11 @@ def _check_step_meta(meta: ModelMeta, source: str) -> int:
     if meta.graph != "step":
         raise invalid(source, "is a window graph; serving needs a step graph", meta.graph,
                       "export with --graph step", kind=ModelFileError)
-    n_mod = int(meta.extra.get("n_modalities", 0))
-    if n_mod < 1 or "rope_base" not in meta.extra:
-        raise invalid(source, "metadata lacks n_modalities / rope_base of the step graph", meta.extra,
-                      "re-export the model", kind=ModelFileError)
-    return n_mod
+    per_bin = int(meta.extra.get("tokens_per_bin", 0))
+    if per_bin < 1 or "rope_base" not in meta.extra:
+        raise invalid(source, "metadata lacks tokens_per_bin / rope_base of the step graph", meta.extra,
+                      "re-export the model with this version of neds-rt", kind=ModelFileError)
+    return per_bin
 
 
 def ort_session_options(threads: int = 1, spinning: bool = False) -> Any:
@@ -91,10 +91,10 @@ def ort_session_options(threads: int = 1, spinning: bool = False) -> Any:
 class _Ring:
     """Preallocated per-layer key/value rings for B streams, and the bin clock of the state."""
 
-    def __init__(self, meta: ModelMeta, batch: int, n_mod: int) -> None:
-        self.n_mod = n_mod
+    def __init__(self, meta: ModelMeta, batch: int, per_bin: int) -> None:
+        self.per_bin = per_bin  # K tokens per bin
         self.ring_bins = meta.context - 1
-        slots = self.ring_bins * n_mod
+        slots = self.ring_bins * per_bin
         shape = (batch, meta.n_heads, slots, meta.head_dim)
         self.kv = [np.zeros(shape, dtype=np.float32) for _ in range(2 * meta.n_layers)]  # L x (k, v)
         self.key_bias = np.full((batch, slots), -np.inf, dtype=np.float32)  # (B, S)
@@ -112,12 +112,12 @@ class _Ring:
         return rotary_step_tables(self.next_bin, self.head_dim, self.rope_base)
 
     def write(self, new_kv: list[np.ndarray]) -> None:
-        """Store the newest bin's (B, H, M, Dh) keys/values in its slot and advance the clock."""
+        """Store the newest bin's (B, H, K, Dh) keys/values in its slot and advance the clock."""
         if self.ring_bins > 0:
-            lo = (self.next_bin % self.ring_bins) * self.n_mod
+            lo = (self.next_bin % self.ring_bins) * self.per_bin
             for ring, new in zip(self.kv, new_kv, strict=True):
-                ring[:, :, lo:lo + self.n_mod] = new
-            self.key_bias[:, lo:lo + self.n_mod] = 0.0
+                ring[:, :, lo:lo + self.per_bin] = new
+            self.key_bias[:, lo:lo + self.per_bin] = 0.0
         self.next_bin += 1
 
 
@@ -155,7 +155,7 @@ class OnnxStepEngine:
         self.providers: list[str] = self._sess.get_providers()
         meta_text = self._sess.get_modelmeta().custom_metadata_map.get(META_KEY)
         self.meta = ModelMeta.from_json(meta_text, str(path))
-        n_mod = _check_step_meta(self.meta, str(path))
+        per_bin = _check_step_meta(self.meta, str(path))
         names_in, names_out = step_io_names(self.meta.n_layers)
         got_in = [i.name for i in self._sess.get_inputs()]
         got_out = [o.name for o in self._sess.get_outputs()]
@@ -164,7 +164,7 @@ class OnnxStepEngine:
                           (got_in[:6], got_out[:4]), "re-export the model", kind=ModelFileError)
         self._names_in, self._names_out = names_in, names_out
         self.batch = batch
-        self._ring = _Ring(self.meta, batch, n_mod)
+        self._ring = _Ring(self.meta, batch, per_bin)
         self.log_rates = np.zeros((batch, self.meta.n_units), dtype=np.float32)  # (B, N) of the last step
 
     @property
@@ -208,11 +208,11 @@ class TorchScriptStepEngine:
                           str(err)[:200], "export the model again", kind=ModelFileError) from err
         self._module.eval()
         self.meta = ModelMeta.from_json(extra[f"{META_KEY}.json"] or None, str(path))
-        n_mod = _check_step_meta(self.meta, str(path))
+        per_bin = _check_step_meta(self.meta, str(path))
         self._torch = torch
         self._device = torch.device(device)
         self.batch = batch
-        self._ring = _Ring(self.meta, batch, n_mod)
+        self._ring = _Ring(self.meta, batch, per_bin)
         self._kv = [torch.from_numpy(a).to(self._device) for a in self._ring.kv]
         self._bias = torch.from_numpy(self._ring.key_bias).to(self._device)
         self.log_rates = np.zeros((batch, self.meta.n_units), dtype=np.float32)
@@ -235,10 +235,10 @@ class TorchScriptStepEngine:
         with torch.inference_mode():
             outs = self._module(x, self._bias, cos, sin, *self._kv)
             if ring.ring_bins > 0:
-                lo = (ring.next_bin % ring.ring_bins) * ring.n_mod
+                lo = (ring.next_bin % ring.ring_bins) * ring.per_bin
                 for cache, new in zip(self._kv, outs[2:], strict=True):
-                    cache[:, :, lo:lo + ring.n_mod] = new
-                self._bias[:, lo:lo + ring.n_mod] = 0.0
+                    cache[:, :, lo:lo + ring.per_bin] = new
+                self._bias[:, lo:lo + ring.per_bin] = 0.0
         ring.next_bin += 1
         self.log_rates = outs[1].float().cpu().numpy()
         return np.asarray(outs[0].float().cpu().numpy())

@@ -13,6 +13,8 @@ onto a model's unit vocabulary and refuses a mismatch.
 from __future__ import annotations
 
 import logging
+import math
+import socket
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -118,7 +120,8 @@ class LSLSpikeInlet:
     """Inlet for an LSL ``Spikes`` (events) or ``SpikeCounts`` stream, with reconnection and gap reports.
 
     Resolves by ``name`` (and checks the type) or, without a name, by type ``stype``. Times are the stream's
-    own timestamps plus ``time_correction()`` (refreshed every ``tc_refresh_s``). When the outlet disappears,
+    own timestamps plus ``time_correction()`` (refreshed every ``tc_refresh_s``), or exactly as stamped when
+    the outlet runs on this host (same clock; see :attr:`same_host`). When the outlet disappears,
     a background resolver looks for a stream with the same source_id (or name); the first batch after it
     comes back carries a :class:`Gap`.
     """
@@ -201,18 +204,18 @@ class LSLSpikeInlet:
     def _open(self, info: Any) -> Any:
         inlet = self._lsl.StreamInlet(info, max_buflen=self.max_buflen, recover=False)
         inlet.open_stream(timeout=self.open_timeout)
-        self._tc = float(inlet.time_correction(timeout=self.open_timeout))
-        self._tc_next = time.monotonic() + self.tc_refresh_s
+        # An outlet on this host stamps with this host's clock: the true correction is exactly 0, and LSL's
+        # round-trip estimate would only add its noise (it moves spikes across bin edges). Other hosts get
+        # LSL's estimate, refreshed every tc_refresh_s.
+        self.same_host = bool(info.hostname()) and info.hostname() == socket.gethostname()
+        self._tc = 0.0 if self.same_host else float(inlet.time_correction(timeout=self.open_timeout))
+        self._tc_next = math.inf if self.same_host else time.monotonic() + self.tc_refresh_s
         self._inlet = inlet
         self._uid = info.uid()
+        tc = "0 (same host)" if self.same_host else f"{self._tc:.6f} s"
+        log.info("LSL inlet open: %r (%s, source_id %r, host %r), time correction %s", info.name(),
+                 info.type(), info.source_id(), info.hostname(), tc)
         return inlet
-        log.info(
-            "LSL inlet open: %r (%s, source_id %r), time correction %.6f s",
-            info.name(),
-            info.type(),
-            info.source_id(),
-            self._tc,
-        )
 
     def _on_lost(self) -> None:
         now = time.monotonic()
@@ -307,9 +310,11 @@ class LSLSpikeInlet:
         np.add(ts, self._tc, out=times)
         if n:
             self._last_time = float(times[-1])
+        # pylsl pulls into the preallocated buffers; each batch gets its own copy of the n rows, since a
+        # caller may keep batches across polls (the next pull overwrites the buffers)
         if self.kind == "events":
-            return SpikeBatch(times, self._buf[:n, 0], gap)
-        return CountsBatch(times, self._buf[:n], gap)
+            return SpikeBatch(times.copy(), self._buf[:n, 0].copy(), gap)
+        return CountsBatch(times.copy(), self._buf[:n].copy(), gap)
 
     def close(self) -> None:
         if self._inlet is not None:

@@ -501,6 +501,14 @@ class Server:
         if hi > lo:
             self._gap_ranges.append((lo, hi))
 
+    def late_events(self) -> dict[str, list[int]]:
+        """The late spikes kept in :attr:`rejected`: the bin each hit and its model column (one entry per
+        spike). An offline recompute that drops them reproduces what was served."""
+        late = [r for r in self.rejected if r.reason == "late"]
+        bins = np.concatenate([r.bins for r in late]) if late else np.zeros(0, np.int64)
+        cols = np.concatenate([r.units for r in late]) if late else np.zeros(0, np.int64)
+        return {"bin": bins.astype(int).tolist(), "column": cols.astype(int).tolist()}
+
     def _on_rejected(self, r: RejectedEvents, next_bin: int) -> None:
         self.rejected.append(r)
         n = int(r.times.shape[0])

@@ -14,9 +14,12 @@ import numpy as np
 REGIONS = ("VISa", "CA1", "DG", "LP", "PO")
 
 
-def tiny_streaming_model(n_units: int = 12, eid: str = "tiny-eid", seed: int = 0) -> Any:
+def tiny_streaming_model(
+    n_units: int = 12, eid: str = "tiny-eid", seed: int = 0, tokens: str = "auto"
+) -> Any:
     """A tiny streaming NEDS (random weights, eval mode) with one session of ``n_units`` units.
 
+    ``tokens`` picks the bin layout (``auto`` = fused, the streaming default).
     Unit ids are 100 .. 100 + n_units - 1, regions cycle through :data:`REGIONS`, normalisation
     wheel [0, 3], whisker [1, 5].
     """
@@ -27,7 +30,7 @@ def tiny_streaming_model(n_units: int = 12, eid: str = "tiny-eid", seed: int = 0
     from training.model import NEDS, SessionVocab
 
     torch.manual_seed(seed)
-    model = NEDS(NEDSConfig.preset("tiny", mode="streaming", dropout=0.0))
+    model = NEDS(NEDSConfig.preset("tiny", mode="streaming", dropout=0.0, tokens=tokens))
     ids = np.arange(100, 100 + n_units)  # (N,) cluster ids
     regions = np.array([REGIONS[i % len(REGIONS)] for i in range(n_units)])  # (N,) Beryl acronyms
     model.add_session(eid, n_units, vocab=SessionVocab(eid, ids, regions, Normalisation(0.0, 3.0, 1.0, 5.0),

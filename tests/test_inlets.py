@@ -75,15 +75,15 @@ def test_lsl_spikes_delivered_with_their_timestamps() -> None:
         got_t: list[np.ndarray] = []
         got_u: list[np.ndarray] = []
 
-        def keep(b: object) -> None:  # batches are views of the inlet's buffers: copy, undo time correction
+        def keep(b: object) -> None:  # undo the time correction
             assert isinstance(b, SpikeBatch) and b.gap is None
             got_t.append(b.times - inlet.time_correction)
-            got_u.append(b.units.copy())
+            got_u.append(b.units)
 
         _poll_until(inlet, lambda bs: _n_events(bs) >= times.size, on_batch=keep)
         np.testing.assert_array_equal(np.concatenate(got_u), units)
         np.testing.assert_allclose(np.concatenate(got_t), times, rtol=0, atol=1e-9)
-        assert abs(inlet.time_correction) < 0.01  # same host
+        assert inlet.same_host and inlet.time_correction == 0.0  # same host, same clock: no estimate noise
     finally:
         inlet.close()
         out.close()
@@ -130,6 +130,26 @@ def test_lsl_wrong_type_refused() -> None:
         with pytest.raises(StreamError, match="has type 'SpikeCounts', not 'Spikes'"):
             LSLSpikeInlet(name=name, stype="Spikes", resolve_timeout=5.0)
     finally:
+        out.close()
+
+
+def test_lsl_batches_kept_across_polls_keep_their_values() -> None:
+    """Each batch owns its arrays: a later poll (which reuses the pull buffers) must not change it."""
+    lsl = pylsl()
+    name = _name()
+    out = LSLSpikeOutlet(name, "eid-K", UNIT_IDS, REGIONS, source_id=name)
+    inlet = LSLSpikeInlet(name=name, max_samples=16)  # 300 events arrive in many small batches
+    try:
+        assert out.wait_for_consumers(5.0)
+        times, units = _events(300, lsl.local_clock(), seed=5)
+        out.push(times, units)
+        batches = _poll_until(inlet, lambda bs: _n_events(bs) >= times.size)
+        assert len(batches) >= 300 // 16
+        np.testing.assert_array_equal(np.concatenate([b.units for b in batches]), units)
+        np.testing.assert_allclose(np.concatenate([b.times for b in batches]), times + inlet.time_correction,
+                                   rtol=0, atol=1e-6)
+    finally:
+        inlet.close()
         out.close()
 
 

@@ -37,8 +37,8 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
-def tiny(mode: str = "offline") -> NEDSConfig:
-    return NEDSConfig.preset("tiny", n_bins=12, mode=mode)
+def tiny(mode: str = "offline", tokens: str = "auto") -> NEDSConfig:
+    return NEDSConfig.preset("tiny", n_bins=12, mode=mode, tokens=tokens)
 
 
 def inputs(b: int, t: int, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -90,9 +90,10 @@ def test_sessions_keyed_by_eid() -> None:
     assert model.eids == []
 
 
-def test_masked_inputs_do_not_reach_the_model() -> None:
+@pytest.mark.parametrize("tokens", ["modality", "fused"])
+def test_masked_inputs_do_not_reach_the_model(tokens: str) -> None:
     torch.manual_seed(1)
-    model = NEDS(tiny()).eval()
+    model = NEDS(tiny(tokens=tokens)).eval()
     model.add_session(EID, 6)
     spikes, wheel, whisker, choice, block = inputs(2, 12, 6)
     enc = eval_mask("encoding", 2, 12)
@@ -108,10 +109,11 @@ def test_masked_inputs_do_not_reach_the_model() -> None:
     assert not torch.allclose(a.spikes, e.spikes)
 
 
-@pytest.mark.parametrize("mode", ["offline", "streaming"])
-def test_streaming_attention_is_causal_over_bins(mode: str) -> None:
+@pytest.mark.parametrize(("mode", "tokens"), [("offline", "modality"), ("streaming", "modality"),
+                                               ("offline", "fused"), ("streaming", "fused")])
+def test_streaming_attention_is_causal_over_bins(mode: str, tokens: str) -> None:
     torch.manual_seed(2)
-    model = NEDS(tiny(mode)).eval()
+    model = NEDS(tiny(mode, tokens)).eval()
     model.add_session(EID, 5)
     spikes, wheel, whisker, choice, block = inputs(1, 12, 5)
     mask = torch.zeros(1, len(MODALITIES), 12, dtype=torch.bool)
@@ -125,13 +127,44 @@ def test_streaming_attention_is_causal_over_bins(mode: str) -> None:
 
 
 def test_streaming_mask_is_block_causal() -> None:
-    model = NEDS(tiny("streaming"))
+    model = NEDS(tiny("streaming", "modality"))
     allowed = model.attention_mask(3, torch.device("cpu"))
     assert allowed is not None and allowed.shape == (15, 15)
     pos = model.positions(3, torch.device("cpu"))
     assert pos.tolist() == [0] * 5 + [1] * 5 + [2] * 5  # time-major: 5 modality tokens per bin
     assert bool(allowed[0, 4]) and not bool(allowed[4, 5]) and bool(allowed[14, 0])
     assert NEDS(tiny()).attention_mask(3, torch.device("cpu")) is None
+    fused = NEDS(tiny("streaming"))  # the streaming default: one token per bin
+    assert fused.positions(3, torch.device("cpu")).tolist() == [0, 1, 2]
+    f_allowed = fused.attention_mask(3, torch.device("cpu"))
+    assert f_allowed is not None and f_allowed.tolist() == [[True, False, False], [True, True, False],
+                                                            [True, True, True]]
+
+
+def test_token_layout_defaults_and_old_checkpoints() -> None:
+    assert NEDSConfig(mode="streaming").tokens == "fused" and NEDSConfig().tokens == "modality"
+    assert NEDSConfig(mode="streaming", tokens="modality").tokens == "modality"
+    # a config saved before the layout was configurable rebuilds as one token per modality
+    assert NEDSConfig.from_dict({"mode": "streaming"}).tokens == "modality"
+    with pytest.raises(ConfigError, match="tokens"):
+        NEDSConfig(tokens="pooled")  # type: ignore[arg-type]
+
+
+def test_fused_token_is_the_sum_of_the_modality_tokens() -> None:
+    """Same weights, two layouts: the fused input token equals the sum of the five per-modality tokens
+    minus four extra session embeddings."""
+    torch.manual_seed(5)
+    per_mod = NEDS(tiny("streaming", "modality")).eval()
+    per_mod.add_session(EID, 6)
+    fused = NEDS(tiny("streaming", "fused")).eval()
+    fused.add_session(EID, 6)
+    fused.load_state_dict(per_mod.state_dict())
+    spikes, wheel, whisker, choice, block = inputs(2, 12, 6)
+    mask = eval_mask("decoding", 2, 12)
+    x5 = per_mod.embed(EID, spikes, wheel, whisker, choice, block, mask).view(2, 12, 5, -1)  # (B, T, M, h)
+    x1 = fused.embed(EID, spikes, wheel, whisker, choice, block, mask)  # (B, T, h)
+    emb = per_mod.session(EID).embedding
+    torch.testing.assert_close(x1, x5.sum(dim=2) - 4 * emb)
 
 
 def test_rotary_scores_depend_on_relative_position() -> None:

@@ -9,8 +9,9 @@ from tests._models import tiny_streaming_model
 from training.streaming import StepState, StreamingStep, banded_mask, banded_recompute, step
 
 
-def test_500_steps_equal_full_recompute_across_rollover() -> None:
-    model = tiny_streaming_model(n_units=10)
+@pytest.mark.parametrize("tokens", ["fused", "modality"])
+def test_500_steps_equal_full_recompute_across_rollover(tokens: str) -> None:
+    model = tiny_streaming_model(n_units=10, tokens=tokens)
     eid = model.eids[0]
     context, n_steps = 24, 500  # the ring rolls over ~20 times
     gen = torch.Generator().manual_seed(1)
@@ -28,9 +29,10 @@ def test_500_steps_equal_full_recompute_across_rollover() -> None:
     assert state.next_bin == n_steps
 
 
-def test_streaming_output_depends_only_on_the_last_context_bins() -> None:
+@pytest.mark.parametrize("tokens", ["fused", "modality"])
+def test_streaming_output_depends_only_on_the_last_context_bins(tokens: str) -> None:
     """Changing a bin older than the context must not change the newest decode; a recent one must."""
-    model = tiny_streaming_model(n_units=6)
+    model = tiny_streaming_model(n_units=6, tokens=tokens)
     eid = model.eids[0]
     counts = torch.poisson(torch.full((1, 40, 6), 0.5), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -46,11 +48,14 @@ def test_streaming_output_depends_only_on_the_last_context_bins() -> None:
 
 
 def test_banded_mask_is_causal_within_the_window() -> None:
-    mask = banded_mask(4, 2, torch.device("cpu"))  # 4 bins x 5 tokens
+    mask = banded_mask(4, 2, torch.device("cpu"), per_bin=5)  # 4 bins x 5 tokens
     assert mask.shape == (20, 20)
     assert bool(mask[5, 0]) and bool(mask[0, 4])  # bin 1 sees bin 0; tokens of bin 0 see each other
     assert not bool(mask[0, 5])  # bin 0 never sees bin 1
     assert not bool(mask[10, 0])  # bin 2 no longer sees bin 0 with a 2-bin context
+    fused = banded_mask(4, 2, torch.device("cpu"), per_bin=1)  # 4 bins x 1 token
+    assert fused.tolist() == [[True, False, False, False], [True, True, False, False],
+                              [False, True, True, False], [False, False, True, True]]
 
 
 def test_step_needs_a_streaming_model() -> None:
@@ -61,3 +66,25 @@ def test_step_needs_a_streaming_model() -> None:
     model.add_session("x", 3)
     with pytest.raises(ValueError, match="streaming mode"):
         StreamingStep(model, "x")
+
+
+@pytest.mark.parametrize("tokens", ["fused", "modality"])
+def test_training_forward_equals_the_streaming_reference(tokens: str) -> None:
+    """What training optimises (forward with the decoding mask) is what a step serves: with the whole
+    window inside the context, forward's wheel and choice equal banded_recompute's."""
+    from training.masking import eval_mask
+
+    model = tiny_streaming_model(n_units=7, tokens=tokens)
+    eid = model.eids[0]
+    t = 20
+    counts = torch.poisson(torch.full((2, t, 7), 0.6), generator=torch.Generator().manual_seed(4))
+    junk = torch.rand(2, t)  # behaviour is masked: its values must not matter
+    with torch.no_grad():
+        choice, block = torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long)
+        out = model(eid, counts, junk, junk, choice, block, eval_mask("decoding", 2, t))
+        dec, rates = banded_recompute(model, eid, counts, context=t)
+    norm = model.vocab[eid].norm
+    wheel = out.wheel * (norm.wheel_max - norm.wheel_min) + norm.wheel_min  # (B, T) physical units
+    torch.testing.assert_close(dec[..., 0], wheel, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dec[..., 2], torch.softmax(out.choice, dim=-1)[..., 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rates, out.spikes, atol=1e-5, rtol=1e-5)

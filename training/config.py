@@ -8,6 +8,7 @@ from typing import Any, Final, Literal
 from neds_rt.errors import ConfigError, invalid
 
 MODES: Final = ("offline", "streaming")
+TOKEN_LAYOUTS: Final = ("modality", "fused")
 PRESETS: Final = ("tiny", "small", "default")
 SCHEMES: Final = ("encoding", "decoding", "within", "cross")  # training.masking.Scheme, lower case
 
@@ -35,6 +36,10 @@ class NEDSConfig:
     mask_ratio: float = 0.3  # 0.3 pretraining, 0.1 fine-tuning
     mode: Literal["offline", "streaming"] = "offline"
     rope_base: float = 10000.0
+    # How a bin's five modalities become tokens: "modality" is the paper's one token per modality per bin;
+    # "fused" is one token per bin, the sum of the five (masked or not) modality tokens, read by every head.
+    # "auto" picks "fused" in streaming mode (a step then appends 1 token, not 5) and "modality" offline.
+    tokens: Literal["auto", "modality", "fused"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("hidden", "heads", "mlp", "layers", "n_bins"):
@@ -56,6 +61,11 @@ class NEDSConfig:
             raise invalid("NEDSConfig.mode", f"must be one of {MODES}", self.mode, kind=ConfigError)
         if self.bin_size <= 0:
             raise invalid("NEDSConfig.bin_size", "must be > 0 seconds", self.bin_size, kind=ConfigError)
+        if self.tokens == "auto":
+            self.tokens = "fused" if self.mode == "streaming" else "modality"
+        if self.tokens not in TOKEN_LAYOUTS:
+            raise invalid("NEDSConfig.tokens", f"must be one of {TOKEN_LAYOUTS} or 'auto'", self.tokens,
+                          kind=ConfigError)
 
     @property
     def causal(self) -> bool:
@@ -65,6 +75,10 @@ class NEDSConfig:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    @property
+    def fused(self) -> bool:
+        return self.tokens == "fused"
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> NEDSConfig:
         """Rebuild from ``asdict`` output; unknown keys are an error naming ``source``."""
@@ -73,7 +87,8 @@ class NEDSConfig:
         if extra:
             raise invalid(source, "holds NEDSConfig keys this version does not know", extra,
                           "use a checkpoint written by this version of neds-rt", kind=ConfigError)
-        return cls(**data)
+        # checkpoints written before the token layout was configurable hold one token per modality
+        return cls(**{"tokens": "modality", **data})
 
     @classmethod
     def preset(cls, name: str = "default", n_sessions: int = 1, **overrides: Any) -> NEDSConfig:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from neds_rt.engine import step_io_names
 from neds_rt.errors import ConfigError, invalid
 from neds_rt.model_meta import META_KEY, ModelMeta, OutputChannel
-from training.model import N_MODALITIES, NEDS
+from training.model import NEDS
 from training.streaming import (
     DECODE_CHANNELS,
     StepState,
@@ -59,9 +59,10 @@ class WindowGraph(nn.Module):
         if model.cfg.causal:
             return banded_recompute(model, self.eid, counts, self.context)
         b, t, _ = counts.shape
-        x = torch.stack([bin_tokens(model, self.eid, counts[:, i]) for i in range(t)], dim=1)  # (B,T,M,h)
+        k = model.tokens_per_bin
+        x = torch.stack([bin_tokens(model, self.eid, counts[:, i]) for i in range(t)], dim=1)  # (B,T,K,h)
         x = x + model.time_embed[:t][None, :, None, :]
-        h = model.encode(x.reshape(b, t * N_MODALITIES, -1), t).view(b, t, N_MODALITIES, -1)
+        h = model.encode(x.reshape(b, t * k, -1), t).view(b, t, k, -1)  # (B, T, K, hidden)
         return decode_outputs(model, self.eid, h)
 
 
@@ -95,7 +96,7 @@ def model_meta(model: NEDS, eid: str, graph: str, context: int) -> ModelMeta:
         n_layers=model.cfg.layers,
         n_heads=model.cfg.heads,
         head_dim=model.cfg.head_dim,
-        extra={"rope_base": model.cfg.rope_base, "n_modalities": N_MODALITIES,
+        extra={"rope_base": model.cfg.rope_base, "tokens_per_bin": model.tokens_per_bin,
                "probe": vocab.probe if vocab is not None else ""},
     )
 

@@ -1,15 +1,19 @@
 """The NEDS model: multimodal tokens per 20 ms bin, a pre-LayerNorm transformer, per-session heads.
 
-Tokens. One token per bin per modality for the five modalities of :data:`MODALITIES`, laid out time-major:
-token ``t * M + m`` is modality ``m`` at bin ``t`` (so a streaming step appends ``M`` tokens per bin).
+Tokens. ``cfg.tokens == "modality"`` (the paper, the offline default): one token per bin per modality for
+the five modalities of :data:`MODALITIES`, laid out time-major: token ``t * M + m`` is modality ``m`` at bin
+``t``. ``cfg.tokens == "fused"`` (the streaming default): one token per bin, the sum of the five modality
+tokens below, and every head reads that token; a streaming step then appends one token, not five, and its
+key/value ring is five times shorter (see ``training.streaming``).
 
 - spikes: the session's stitching layer ``Linear(N_s -> hidden)`` on the bin's count vector;
 - wheel, whisker: the session's ``Linear(1 -> hidden)`` on the scaled value;
 - choice, block: a learned class embedding (shared by all sessions), the same token in every bin.
 
-A masked token's input is replaced by the learned mask token of its modality. Every token then gets the
-learned modality embedding, the learned time (bin) embedding (offline mode only) and the learned session
-embedding; rotary positions (the bin index, equal for the five tokens of a bin) act on queries and keys.
+A masked token's input is replaced by the learned mask token of its modality, and gets the learned modality
+embedding (fused layout: the five are then summed). Every token then gets the learned time (bin) embedding
+(offline mode only) and the learned session embedding; rotary positions (the bin index, equal for the tokens
+of a bin) act on queries and keys.
 
 Heads (per session, on the final hidden states): spikes ``Linear(hidden -> N_s)`` Poisson log-rates (log
 expected count per bin); wheel/whisker ``Linear(hidden -> 1)`` regression; choice ``Linear(hidden -> 2)``
@@ -177,6 +181,11 @@ class NEDS(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.layers)])
         self.norm = nn.LayerNorm(h)
         self.in_drop = nn.Dropout(cfg.dropout)
+        self.tokens_per_bin = 1 if cfg.fused else N_MODALITIES  # K
+
+    def token(self, modality: int) -> int:
+        """Index, within a bin's K tokens, of the token whose final state ``modality``'s head reads."""
+        return 0 if self.cfg.fused else modality
 
     # ---- sessions -------------------------------------------------------------------------------------
     @property
@@ -235,8 +244,8 @@ class NEDS(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------------
     def positions(self, n_bins: int, device: torch.device) -> Tensor:
-        """(L,) bin index of each time-major token (L = n_bins * M)."""
-        return torch.arange(n_bins, device=device).repeat_interleave(N_MODALITIES)
+        """(L,) bin index of each time-major token (L = n_bins * K)."""
+        return torch.arange(n_bins, device=device).repeat_interleave(self.tokens_per_bin)
 
     def attention_mask(self, n_bins: int, device: torch.device) -> Tensor | None:
         """None (offline: all tokens see all) or (L, L) bool, True where query bin >= key bin (streaming)."""
@@ -249,7 +258,7 @@ class NEDS(nn.Module):
         self, eid: str, spikes: Tensor, wheel: Tensor, whisker: Tensor, choice: Tensor, block: Tensor,
         mask: Tensor,
     ) -> Tensor:
-        """Token inputs (B, T*M, hidden), time-major, with masked tokens replaced by the mask tokens."""
+        """Token inputs (B, T*K, hidden), time-major, with masked tokens replaced by the mask tokens."""
         mods = self.session(eid)
         b, t, n = spikes.shape
         if n != mods.n_units:
@@ -273,10 +282,13 @@ class NEDS(nn.Module):
         mask = torch.cat([mask[:, :CHOICE], mask[:, CHOICE:] | unknown], dim=1)  # (B, M, T)
         masked = mask.transpose(1, 2).unsqueeze(-1)  # (B, T, M, 1) from (B, M, T)
         tokens = torch.where(masked, self.mask_token[None, None], tokens)  # (B, T, M, hidden)
-        tokens = tokens + self.modality_embed[None, None] + mods.embedding
+        tokens = tokens + self.modality_embed[None, None]
+        if self.cfg.fused:
+            tokens = tokens.sum(dim=2, keepdim=True)  # (B, T, 1, hidden) one token per bin
+        tokens = tokens + mods.embedding  # (B, T, K, hidden)
         if not self.cfg.causal:
             tokens = tokens + self.time_embed[:t][None, :, None, :]  # absolute bin embedding
-        return self.in_drop(tokens.reshape(b, t * N_MODALITIES, -1))  # (B, L, hidden)
+        return self.in_drop(tokens.reshape(b, t * self.tokens_per_bin, -1))  # (B, L, hidden)
 
     def encode(self, x: Tensor, n_bins: int) -> Tensor:
         """Run the transformer on time-major tokens (B, L, hidden) -> final hidden states (B, L, hidden)."""
@@ -288,16 +300,18 @@ class NEDS(nn.Module):
         return self.norm(x)
 
     def heads(self, eid: str, h: Tensor) -> NEDSOutput:
-        """Per-session read-outs of final hidden states (B, T*M, hidden)."""
+        """Per-session read-outs of final hidden states (B, T*K, hidden)."""
         mods = self.session(eid)
         b, length, hidden = h.shape
-        h = h.view(b, length // N_MODALITIES, N_MODALITIES, hidden)  # (B, T, M, hidden)
+        k = self.tokens_per_bin
+        h = h.view(b, length // k, k, hidden)  # (B, T, K, hidden)
+        at = self.token
         return NEDSOutput(
-            spikes=mods.spikes_out(h[:, :, SPIKES]),  # (B, T, N) log expected counts per bin
-            wheel=mods.wheel_out(h[:, :, WHEEL]).squeeze(-1),  # (B, T)
-            whisker=mods.whisker_out(h[:, :, WHISKER]).squeeze(-1),  # (B, T)
-            choice=mods.choice_out(h[:, :, CHOICE]),  # (B, T, 2)
-            block=mods.block_out(h[:, :, BLOCK]),  # (B, T, 3)
+            spikes=mods.spikes_out(h[:, :, at(SPIKES)]),  # (B, T, N) log expected counts per bin
+            wheel=mods.wheel_out(h[:, :, at(WHEEL)]).squeeze(-1),  # (B, T)
+            whisker=mods.whisker_out(h[:, :, at(WHISKER)]).squeeze(-1),  # (B, T)
+            choice=mods.choice_out(h[:, :, at(CHOICE)]),  # (B, T, 2)
+            block=mods.block_out(h[:, :, at(BLOCK)]),  # (B, T, 3)
         )
 
     def forward(
