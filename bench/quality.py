@@ -8,7 +8,9 @@ on the same TRAIN / VAL / TEST splits (trained on TRAIN, selected on VAL, scored
   ``psth``: its smoothed TRAIN PSTH alone;
 - ``neds_encoding`` / ``neds_decoding``: NEDS trained with one masking scheme only; ``neds_single``: NEDS,
   all schemes, on the session alone; ``neds_multi``: the pretrained NEDS fine-tuned on the session;
-- ``oracle`` (simulated sessions): true rates for bits/spike, linear decoders on the true latents.
+- ``oracle`` (simulated sessions): true rates for bits/spike, linear decoders on the true latents;
+- ``neds_streaming`` (unless ``streaming=False``): a causal NEDS trained on continuous windows of the session
+  and run as the step runtime runs it, with its gap to ``neds_single`` (:mod:`bench.quality_streaming`).
 
 Region classification uses each neuron's NEDS embedding (its column of the spike stitching layer and its row
 of the spike output head) from the pretrained model and the fine-tuned ones, against chance and PSTH
@@ -67,6 +69,7 @@ class QualityConfig:
     region_folds: int = 5
     plot_trials: tuple[int, ...] = (0, 1, 2)
     plot_neurons: int = 4
+    streaming: bool = True  # also train and score a streaming (causal) NEDS per held-out session (issue 5)
 
     def __post_init__(self) -> None:
         for name in ("n_pretrain", "n_heldout", "epochs", "pretrain_epochs", "finetune_epochs", "batch_size",
@@ -277,6 +280,10 @@ def run_quality(data: Path | str, out: Path | str, cfg: QualityConfig | None = N
     t_all = time.perf_counter()
     with _torch_threads(cfg.threads):
         report = _run(data, out, cfg, command)
+        if cfg.streaming:
+            from bench.quality_streaming import add_streaming
+
+            report = add_streaming(report, data, out, cfg)
     report["timing"]["total_s"] = time.perf_counter() - t_all
     write_report(report, out)
     log.info("quality report in %s (%.0f s)", out, report["timing"]["total_s"])
@@ -416,10 +423,14 @@ def _plots(out: Path, report: Mapping[str, Any], helds: Mapping[str, _Held], reg
 
 
 def add_streaming_rows(report: dict[str, Any], rows: Mapping[str, Mapping[str, float | None]],
-                       out: Path | str | None = None, model: str = "neds_streaming") -> dict[str, Any]:
+                       out: Path | str | None = None, model: str = "neds_streaming",
+                       info: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Hook for issue 5: add a streaming model's scores ``{eid: {metric: value}}`` on the held-out sessions
-    (e.g. its causal decodes of continuous data) and rewrite the report in ``out`` when given."""
-    new = add_model_rows(report, model, rows, note="streaming (causal) NEDS decodes on held-out sessions")
+    (e.g. its causal decodes of continuous data), with ``info`` on how they were made under ``streaming``,
+    and rewrite the report in ``out`` when given."""
+    base = {**report, "streaming": dict(info)} if info is not None else report
+    new = add_model_rows(base, model, rows, note="streaming NEDS: causal per-bin decodes (each bin sees only "
+                         "itself and the context before it) on the TEST trial windows")
     if out is not None:
         write_report(new, out)
     return new

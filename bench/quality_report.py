@@ -7,7 +7,8 @@ Pure functions on plain dicts, so they are tested on hand-made numbers. The raw 
 - ``ceilings`` / ``chances``: ``{eid: {metric: value}}`` from the oracle (simulated sessions only) and the
   chance levels; ``regions``: the region-classification scores.
 
-:func:`assemble` adds session means, fractions of the ceiling and the issue's done-when checks;
+:func:`assemble` adds session means, fractions of the ceiling and the issue's done-when checks, and, when the
+streaming NEDS (``neds_streaming``) is among the models, its gap to the offline single-session NEDS;
 :func:`add_model_rows` lets a later caller (issue 5's streaming rows) add a model and re-assemble.
 """
 
@@ -46,6 +47,10 @@ MODEL_NOTES: Final = {
 HEADLINE: Final = "neds_multi"  # the NEDS row the done-when checks judge
 BASELINE_FOR_TASK: Final = {"encoding": "rrr", "wheel": "linear", "whisker": "linear", "choice": "linear",
                             "block": "linear"}
+
+STREAMING: Final = "neds_streaming"  # issue 5: causal decodes of the streaming NEDS
+STREAMING_OFFLINE: Final = "neds_single"  # the offline NEDS it is compared with (same session, same budget)
+GAP_METRICS: Final = METRICS[1:]  # the decoding metrics (the streaming model is scored on decoding only)
 
 Rows = dict[str, dict[str, dict[str, float | None]]]  # eid -> model -> metric -> value
 
@@ -140,6 +145,27 @@ def done_checks(mean: Mapping[str, Mapping[str, float | None]], regions: Mapping
     return checks
 
 
+def _gap_rows(stream: Mapping[str, float | None], offline: Mapping[str, float | None]
+              ) -> dict[str, dict[str, float | None]]:
+    out: dict[str, dict[str, float | None]] = {}
+    for k in GAP_METRICS:
+        a, b = clean(stream.get(k)), clean(offline.get(k))
+        out[k] = {"streaming": a, "offline": b, "gap": None if a is None or b is None else a - b}
+    return out
+
+
+def streaming_gap(results: Rows, mean: Mapping[str, Mapping[str, float | None]],
+                  streaming: str = STREAMING, offline: str = STREAMING_OFFLINE) -> dict[str, Any]:
+    """Per decoding metric: streaming, offline and ``gap`` = streaming - offline, of the session means
+    (``mean``) and of each session (``sessions``)."""
+    return {
+        "streaming": streaming, "offline": offline,
+        "mean": _gap_rows(mean.get(streaming, {}), mean.get(offline, {})),
+        "sessions": {eid: _gap_rows(per.get(streaming, {}), per.get(offline, {}))
+                     for eid, per in results.items()},
+    }
+
+
 def assemble(
     results: Rows,
     *,
@@ -166,6 +192,8 @@ def assemble(
         session_means(fr) if fr else {}, "regions": dict(regions or {}),
     })
     report["checks"] = done_checks(mean, regions)
+    if STREAMING in mean:
+        report["streaming_gap"] = streaming_gap(full, mean)
     return report
 
 
@@ -182,7 +210,8 @@ def add_model_rows(report: dict[str, Any], model: str, rows: Mapping[str, Mappin
         results[eid][model] = dict(vals)
     keep = {k: v for k, v in report.items() if k not in {
         "metrics", "tasks", "models", "model_notes", "sessions_evaluated", "results", "mean", "ceilings",
-        "chances", "fraction_of_ceiling", "fraction_of_ceiling_mean", "regions", "checks"}}
+        "chances", "fraction_of_ceiling", "fraction_of_ceiling_mean", "regions", "checks",
+        "streaming_gap"}}
     new = assemble(results, ceilings=report.get("ceilings"), chances=report.get("chances"),
                    regions=report.get("regions"), extra=keep)
     if note:
@@ -208,6 +237,19 @@ def table(rows: Mapping[str, Mapping[str, float | None]], models: Sequence[str])
     return lines
 
 
+def gap_table(report: Mapping[str, Any]) -> list[str]:
+    """The streaming-vs-offline Markdown table (session means); [] when the report has no streaming rows."""
+    gap = report.get("streaming_gap")
+    if not gap:
+        return []
+    lines = [f"| metric | streaming ({gap['streaming']}) | offline ({gap['offline']}) | gap (streaming - "
+             "offline) |", "|---|---:|---:|---:|"]
+    for k, row in gap["mean"].items():
+        gap_v = "-" if row["gap"] is None else f"{row['gap']:+.3f}"
+        lines.append(f"| {_SHORT[k]} | {_fmt(row['streaming'])} | {_fmt(row['offline'])} | {gap_v} |")
+    return lines
+
+
 def summary_table(report: Mapping[str, Any]) -> str:
     """The session-mean table (the issue's summary table)."""
     return "\n".join(table(report["mean"], report["models"]))
@@ -227,6 +269,18 @@ def markdown(report: Mapping[str, Any]) -> str:
             "neuron's mean TEST rate, averaged over neurons; R2 single-trial over all bins.", "",
             "## Mean over held-out sessions", ""]
     out += [*table(report["mean"], models), ""]
+    gap = gap_table(report)
+    if gap:
+        info = report.get("streaming") or {}
+        out += ["## Streaming vs offline (mean over held-out sessions)", "",
+                "The streaming NEDS decodes causally (each 20 ms bin from itself and the context before it, "
+                "as the step runtime does); the offline single-session NEDS sees the whole trial window. "
+                "Same TEST trials; gap = streaming - offline.", ""]
+        if info.get("rule"):
+            out += [f"Scoring: {info['rule']}.", ""]
+        if info.get("budget"):
+            out += [f"Training budget: {info['budget']}.", ""]
+        out += [*gap, ""]
     if report.get("fraction_of_ceiling_mean"):
         out += ["## Fraction of the oracle ceiling (mean over sessions; 0 = chance, 1 = ceiling)", ""]
         out += [*table(report["fraction_of_ceiling_mean"], models), ""]

@@ -378,16 +378,21 @@ def bench_quality(
     epochs: Annotated[int | None, typer.Option(help="Epochs of every NEDS training run.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the simulation and the training runs.")] = 0,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+    streaming: Annotated[bool, typer.Option(
+        "--streaming/--no-streaming",
+        help="Also train a streaming NEDS per held-out session and score its causal decodes.")] = True,
 ) -> None:
-    """NEDS vs linear, RRR and unimodal baselines and the oracle ceiling: report.json/.md and PNGs."""
+    """NEDS vs linear, RRR and unimodal baselines and the oracle ceiling, and the streaming NEDS's gap to the
+    offline one: report.json/.md and PNGs."""
     import sys
     from typing import Any
 
     from bench.quality import QualityConfig, run_quality
-    from bench.quality_report import summary_table
+    from bench.quality_report import gap_table, summary_table
 
     fields: dict[str, Any] = {k: v for k, v in dict(n_pretrain=pretrain, n_heldout=heldout, preset=preset)
-                              .items() if v is not None} | dict(seed=seed, threads=threads)
+                              .items() if v is not None}
+    fields |= dict(seed=seed, threads=threads, streaming=streaming)
     if epochs is not None:
         fields |= dict(epochs=epochs, pretrain_epochs=epochs, finetune_epochs=epochs)
     try:
@@ -396,6 +401,9 @@ def bench_quality(
     except NedsRtError as err:
         raise _fail(err) from err
     typer.echo(summary_table(report))
+    gap = gap_table(report)
+    if gap:
+        typer.echo("streaming vs offline (mean over held-out sessions):\n" + "\n".join(gap))
     for check in report["checks"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[check["passed"]]
         typer.echo(f"{verdict:4} {check['name']}: {check['detail']}")

@@ -60,7 +60,7 @@ def test_short_run_writes_a_complete_result(cache_and_model: tuple[Path, str, Pa
     assert set(q["live"]) >= {"wheel_r2", "choice_accuracy"} and set(q["offline"]) == set(q["live"])
     # live decodes equal an offline recompute of the same bins less the spikes serve got too late
     served = q["as_served"]
-    assert served["late_spikes_dropped"] == c["serve_late"]
+    assert served["late_spikes_dropped"] == c.get("serve_late", 0)  # counters appear once non-zero
     assert served["max_abs_decode_difference"] < 1e-4, served
     assert served["bins_equal_1e-4"] == c["bins_logged"]
     assert math.isfinite(q["max_abs_decode_difference"])  # against all spikes: late ones make it differ

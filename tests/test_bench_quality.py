@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bench.quality import QualityConfig, prepare_sessions
+from bench.quality import QualityConfig, add_streaming_rows, neds_metrics, prepare_sessions
 from bench.quality_plots import plot_psths, plot_traces
 from bench.quality_report import (
+    GAP_METRICS,
     METRICS,
     add_model_rows,
     assemble,
     fraction,
+    gap_table,
     markdown,
     summary_table,
     write_report,
 )
 from neds_rt.cli import app
 from neds_rt.errors import ConfigError, DataError
+from training.arrays import TEST, TRAIN, VAL, ContinuousArrays, Normalisation, TrialArrays
 
 A, B = "sess-a", "sess-b"
 
@@ -128,6 +132,129 @@ def test_add_model_rows_streaming_hook() -> None:
         add_model_rows(rep, "x", {"unknown": {"wheel_r2": 0.1}})
 
 
+def test_streaming_rows_give_the_gap_to_offline_in_json_and_markdown(tmp_path: Path) -> None:
+    stream = {A: {"wheel_r2": 0.45, "whisker_r2": 0.5, "choice_accuracy": 0.7,
+                  "choice_balanced_accuracy": 0.8, "block_balanced_accuracy": 0.6},
+              B: {"wheel_r2": 0.25, "whisker_r2": 0.1, "choice_balanced_accuracy": 0.7,
+                  "block_balanced_accuracy": 0.5}}
+    assert "streaming_gap" not in _report() and gap_table(_report()) == []
+    info = {"rule": "mean probability over the window"}
+    rep = add_streaming_rows(_report(), stream, out=tmp_path, info=info)
+    gap = json.loads((tmp_path / "report.json").read_text())["streaming_gap"]
+    assert gap["offline"] == "neds_single" and list(gap["mean"]) == list(GAP_METRICS)
+    wheel = gap["mean"]["wheel_r2"]  # streaming mean 0.35, neds_single mean 0.50
+    assert wheel["streaming"] == pytest.approx(0.35) and wheel["offline"] == pytest.approx(0.5)
+    assert wheel["gap"] == pytest.approx(-0.15)
+    assert gap["sessions"][B]["whisker_r2"]["gap"] == pytest.approx(0.1 - 0.3)
+    assert gap["mean"]["choice_accuracy"]["offline"] is None and gap["mean"]["choice_accuracy"]["gap"] is None
+    assert rep["streaming"]["rule"] == "mean probability over the window" and rep["note"] == "x"
+    md = (tmp_path / "report.md").read_text()
+    assert "## Streaming vs offline" in md and "mean probability over the window" in md
+    assert "| wheel R2 | 0.350 | 0.500 | -0.150 |" in md and "| choice acc | 0.700 | - | - |" in md
+    assert "| neds_streaming | - | 0.350 |" in md  # also a row of the main tables
+
+
+def _stream_session(n_units: int = 8) -> tuple[TrialArrays, ContinuousArrays]:
+    """A continuous grid (t0 = 5 s) and six 100-bin trial windows cut from it, 0.2 bin off the grid; trials
+    1, 3 and 5 are TEST. The normalisation is the tiny test model's."""
+    rng = np.random.default_rng(0)
+    n_total, t0, bin_size = 1400, 5.0, 0.02
+    norm = Normalisation(0.0, 3.0, 1.0, 5.0)
+    ids, regions = np.arange(100, 100 + n_units), np.array(["CA1"] * n_units)
+    cont = ContinuousArrays(
+        eid="tiny-eid", probe="probe00", unit_ids=ids, regions=regions, t0=t0,
+        spikes=rng.poisson(0.4, (n_total, n_units)).astype(np.uint16),
+        wheel=rng.random(n_total).astype(np.float32), whisker=rng.random(n_total).astype(np.float32),
+        choice=np.full(n_total, -1), block=np.full(n_total, -1), split=np.zeros(n_total, dtype=np.int8),
+        norm=norm)
+    starts = np.array([150, 350, 550, 750, 950, 1150])  # trial 0 has less than the full lead before it
+    idx = starts[:, None] + np.arange(100)[None, :]  # (K, T) grid bins of each trial window
+    arr = TrialArrays(
+        eid="tiny-eid", probe="probe00", unit_ids=ids, regions=regions, spikes=cont.spikes[idx],
+        wheel=cont.wheel[idx], whisker=cont.whisker[idx], choice=np.array([0, 1, 0, 0, 1, 1]),
+        block=np.array([0, 1, 2, 1, 0, 2]), trial_index=np.arange(6),
+        window_start=t0 + starts * bin_size + 0.004,
+        split=np.array([TRAIN, TEST, TRAIN, TEST, VAL, TEST], dtype=np.int8), norm=norm)
+    return arr, cont
+
+
+def test_streaming_decodes_equal_a_causal_run_over_the_whole_session() -> None:
+    import torch
+
+    from bench.quality_streaming import causal_decodes, trial_start_bins
+    from tests._models import tiny_streaming_model
+    from training.streaming import banded_recompute
+
+    model = tiny_streaming_model(n_units=8)
+    arr, cont = _stream_session()
+    rows = arr.subset(TEST)
+    starts, offset = trial_start_bins(arr, cont, rows)
+    np.testing.assert_array_equal(starts, [350, 750, 1150])
+    assert offset == pytest.approx(0.004)
+    with torch.no_grad():  # the reference: the whole grid at once, context = the model's 100 bins
+        grid = torch.from_numpy(cont.spikes.astype(np.float32))[None]  # (1, T_total, N)
+        full, _ = banded_recompute(model, "tiny-eid", grid, 100)
+    dec, padded = causal_decodes(model, "tiny-eid", cont.spikes, np.array([150, *starts]), 100)
+    assert padded == 0 and dec.shape == (4, 100, 6)
+    for k, s in enumerate([150, *starts]):
+        np.testing.assert_allclose(dec[k], full[0, s:s + 100].numpy(), atol=1e-4)
+
+
+def test_streaming_scores_are_causal_and_on_exactly_the_test_trials() -> None:
+    from bench.quality_streaming import score_streaming, streaming_predictions
+    from tests._models import tiny_streaming_model
+
+    model = tiny_streaming_model(n_units=8)
+    arr, cont = _stream_session()
+    test = arr.subset(TEST)
+    scores, extra = score_streaming(model, arr, cont, test)
+    dec = extra["decodes"]
+    assert dec.shape == (3, 100, 6)  # the three TEST trials, nothing else
+    assert scores == neds_metrics(streaming_predictions(dec, arr), arr, test, ("decoding",))
+    assert set(scores) == set(GAP_METRICS) and all(math.isfinite(v) for v in scores.values() if v is not None)
+    # non-TEST trials' targets and labels do not enter the scores; a TEST trial's do
+    other = replace(arr, wheel=arr.wheel.copy(), choice=1 - arr.choice)
+    other.wheel[arr.split != TEST] += 5.0
+    other.choice[test] = arr.choice[test]
+    assert score_streaming(model, other, cont, test)[0] == scores
+    flipped = replace(arr, choice=1 - arr.choice)
+    assert score_streaming(model, flipped, cont, test)[0]["choice_accuracy"] == pytest.approx(
+        1.0 - scores["choice_accuracy"])
+    # causal: spikes after the first TEST trial's window change later trials' decodes, never its own
+    end = 350 + 100
+    later = replace(cont, spikes=cont.spikes.copy())
+    later.spikes[end:] += 3
+    alone = score_streaming(model, arr, cont, test[:1])[0]
+    assert score_streaming(model, arr, later, test[:1])[0] == pytest.approx(alone, abs=1e-9)
+    moved = score_streaming(model, arr, later, test)[1]["decodes"]
+    np.testing.assert_allclose(moved[0], dec[0], atol=1e-5)  # float rounding of a differently filled batch
+    assert not np.allclose(moved[1], dec[1], atol=1e-3)
+    inside = replace(cont, spikes=cont.spikes.copy())
+    inside.spikes[end - 1] += 3  # the window's last bin: only that bin's decode can change
+    changed = score_streaming(model, arr, inside, test[:1])[1]["decodes"][0]
+    np.testing.assert_allclose(changed[:-1], dec[0, :-1], atol=1e-5)
+    assert not np.allclose(changed[-1], dec[0, -1], atol=1e-3)
+
+
+def test_cli_streaming_is_on_by_default_and_can_be_skipped(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    import bench.quality as quality
+
+    seen: list[QualityConfig] = []
+
+    def fake(data: Path, out: Path, cfg: QualityConfig, command: str = "") -> dict:
+        seen.append(cfg)
+        return {**_report(), "timing": {"total_s": 1.0}}
+
+    monkeypatch.setattr(quality, "run_quality", fake)
+    for extra in ([], ["--quick"], ["--no-streaming"], ["--quick", "--no-streaming"]):
+        res = CliRunner().invoke(app, ["bench", "quality", "--data", str(tmp_path), "--out", str(tmp_path),
+                                       *extra])
+        assert res.exit_code == 0, res.output
+    assert [c.streaming for c in seen] == [True, True, False, False]
+    assert seen[1].preset == "tiny" and seen[3].preset == "tiny"
+
+
 def test_assemble_needs_sessions() -> None:
     with pytest.raises(DataError, match="at least one held-out session"):
         assemble({})
@@ -167,12 +294,12 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["bench", "quality", "--data", str(data), "--out", str(out), "--pretrain",
                                    "2", "--heldout", "1", "--preset", "tiny", "--epochs", "1"])
     assert res.exit_code == 0, res.output
-    assert "| model |" in res.output
+    assert "| model |" in res.output and "streaming vs offline" in res.output
     with pytest.raises(DataError, match="must hold n_pretrain"):
         prepare_sessions(data, QualityConfig(n_pretrain=3, n_heldout=1))
     rep = json.loads((out / "report.json").read_text())
     expected = ["oracle", "psth", "linear", "rrr", "neds_encoding", "neds_decoding", "neds_single",
-                "neds_multi"]
+                "neds_multi", "neds_streaming"]
     assert rep["models"] == expected
     assert len(rep["heldout_sessions"]) == 1 and len(rep["pretrain_sessions"]) == 2
     eid = rep["heldout_sessions"][0]
@@ -185,6 +312,20 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     assert rep["results"][eid]["neds_encoding"]["wheel_r2"] is None  # encoding-only: no decoding scores
     assert rep["results"][eid]["neds_decoding"]["bits_per_spike"] is None
     assert isinstance(rep["results"][eid]["linear"]["wheel_r2"], float)
+    stream = rep["results"][eid]["neds_streaming"]  # causal decodes of the streaming NEDS, decoding only
+    assert stream["bits_per_spike"] is None
+    assert all(isinstance(stream[m], float) and math.isfinite(stream[m]) for m in GAP_METRICS)
+    gap = rep["streaming_gap"]
+    assert gap["offline"] == "neds_single"
+    for m in GAP_METRICS:
+        row = gap["mean"][m]
+        assert all(isinstance(row[k], float) and math.isfinite(row[k])
+                   for k in ("streaming", "offline", "gap"))
+        assert row["gap"] == pytest.approx(row["streaming"] - row["offline"])
+    info = rep["streaming"]["sessions"][eid]
+    assert info["test_trials"] == rep["n_trials"][eid]["test"] == info["excluded_test_trials"]
+    assert info["train_windows"] > 0 and info["steps"] >= 1 and 0 <= info["grid_offset_max_s"] <= 0.01
+    assert (out / "models" / eid / "neds_streaming" / "best.pt").exists()
     assert isinstance(rep["results"][eid]["oracle"]["bits_per_spike"], float)
     assert rep["regions"]["n_regions"] >= 2 and 0.0 <= rep["regions"]["neds_accuracy"] <= 1.0
     assert len(rep["checks"]) == 9
@@ -194,3 +335,4 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
         assert png in rep["plots"]
     md = (out / "report.md").read_text()
     assert "| model | bits/spike |" in md and "| neds_multi |" in md and "## Done-when checks" in md
+    assert "## Streaming vs offline" in md and "| wheel R2 |" in md and "| neds_streaming |" in md

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from neds_rt.errors import ConfigError
-from training.masking import Scheme, draw_masks, eval_mask, masked_losses
+from neds_rt.errors import ConfigError, DataError
+from training.arrays import TRAIN, VAL, Normalisation, TrialArrays
+from training.masking import VAR_FLOOR, Scheme, draw_masks, eval_mask, masked_losses, target_variance
 from training.model import BEHAVIOUR, CHOICE, DISCRETE, N_MODALITIES, SPIKES, WHEEL, WHISKER, NEDSOutput
 
 pytestmark = pytest.mark.timeout(60)
@@ -122,3 +124,107 @@ def test_nothing_masked_is_an_error() -> None:
     with pytest.raises(ConfigError, match="hides no token"):
         masked_losses(_outputs(1, 2, 0), torch.zeros(1, T, 2), z, z, torch.zeros(1, dtype=torch.long),
                       torch.zeros(1, dtype=torch.long), mask)
+
+
+Case = tuple[NEDSOutput, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _regression_case(seed: int = 0) -> Case:
+    """4 trials, 6 units; spikes, wheel (trial 0, bins 20:), whisker (trial 2, bins :15) and choice masked."""
+    b, n = 4, 6
+    g = torch.Generator().manual_seed(seed)
+    spikes = torch.poisson(torch.full((b, T, n), 0.7), generator=g)
+    wheel, whisker = 0.1 * torch.rand(b, T, generator=g), 0.3 * torch.rand(b, T, generator=g)  # small scale
+    choice, block = torch.tensor([0, 1, 1, 0]), torch.tensor([2, 0, 1, 1])
+    mask = torch.zeros(b, N_MODALITIES, T, dtype=torch.bool)
+    mask[:, SPIKES, :10] = True
+    mask[0, WHEEL, 20:] = True
+    mask[2, WHISKER, :15] = True
+    mask[1, CHOICE] = True
+    return _outputs(b, n, seed + 1), spikes, wheel, whisker, choice, block, mask
+
+
+def test_target_var_divides_regression_mse_only() -> None:
+    out, spikes, wheel, whisker, choice, block, mask = _regression_case()
+    var = {"wheel": 0.015, "whisker": 0.2}
+    plain = masked_losses(out, spikes, wheel, whisker, choice, block, mask)
+    norm = masked_losses(out, spikes, wheel, whisker, choice, block, mask, target_var=var)
+    assert set(norm) == {"spikes", "wheel", "whisker", "choice", "total"}
+    mse_wheel = float(((out.wheel[0, 20:] - wheel[0, 20:]) ** 2).mean())
+    mse_whisker = float(((out.whisker[2, :15] - whisker[2, :15]) ** 2).mean())
+    assert float(norm["wheel"]) == pytest.approx(mse_wheel / 0.015, rel=1e-5)
+    assert float(norm["whisker"]) == pytest.approx(mse_whisker / 0.2, rel=1e-5)
+    for k in ("spikes", "choice"):  # the other losses are untouched
+        torch.testing.assert_close(norm[k], plain[k])
+    assert float(norm["total"]) == pytest.approx(sum(float(norm[k]) for k in set(norm) - {"total"}), rel=1e-6)
+    assert float(norm["total"]) > float(plain["total"])  # a variance < 1 weighs the regression losses up
+    # the normalised loss of the mean predictor is 1 (the 1 - R² scale)
+    mean_pred = out._replace(wheel=torch.full_like(wheel, float(wheel[0, 20:].mean())))
+    var_true = {"wheel": float(wheel[0, 20:].var(unbiased=False)), "whisker": 1.0}
+    at_mean = masked_losses(mean_pred, spikes, wheel, whisker, choice, block, mask, target_var=var_true)
+    assert float(at_mean["wheel"]) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_normalised_regression_loss_is_scale_free() -> None:
+    out, spikes, wheel, whisker, choice, block, mask = _regression_case(seed=3)
+    var = {"wheel": float(wheel.var()), "whisker": float(whisker.var())}
+    c = 40.0  # another min-max range of the same behaviour: targets, predictions and variance rescale
+    scaled = out._replace(wheel=out.wheel * c + 2.0, whisker=out.whisker * c - 1.0)
+    ref = masked_losses(out, spikes, wheel, whisker, choice, block, mask, target_var=var)
+    big = masked_losses(scaled, spikes, wheel * c + 2.0, whisker * c - 1.0, choice, block, mask,
+                        target_var={k: v * c**2 for k, v in var.items()})
+    for k in ("wheel", "whisker", "total"):
+        assert float(big[k]) == pytest.approx(float(ref[k]), rel=1e-4)
+    plain = masked_losses(scaled, spikes, wheel * c + 2.0, whisker * c - 1.0, choice, block, mask)
+    assert float(plain["wheel"]) == pytest.approx(c**2 * var["wheel"] * float(ref["wheel"]), rel=1e-4)
+
+
+def test_bad_target_var_is_an_error() -> None:
+    out, spikes, wheel, whisker, choice, block, mask = _regression_case()
+    for bad in ({"wheel": 0.1}, {"wheel": 0.1, "whisker": 0.0}, {"wheel": float("nan"), "whisker": 0.1}):
+        with pytest.raises(ConfigError, match="target_var"):
+            masked_losses(out, spikes, wheel, whisker, choice, block, mask, target_var=bad)
+
+
+def _session(wheel: np.ndarray, whisker: np.ndarray, split: np.ndarray) -> TrialArrays:
+    k, t = wheel.shape
+    return TrialArrays(
+        eid="e1", probe="probe00", unit_ids=np.arange(3, dtype=np.int64), regions=np.array(["CA1"] * 3),
+        spikes=np.zeros((k, t, 3), dtype=np.uint16), wheel=wheel.astype(np.float32),
+        whisker=whisker.astype(np.float32), choice=np.zeros(k, dtype=np.int64),
+        block=np.zeros(k, dtype=np.int64),
+        trial_index=np.arange(k, dtype=np.int64), window_start=np.arange(k, dtype=np.float64),
+        split=split.astype(np.int8), norm=Normalisation(0.0, 1.0, 0.0, 1.0),
+    )
+
+
+def test_target_variance_comes_from_training_trials_and_is_floored() -> None:
+    rng = np.random.default_rng(0)
+    split = np.array([TRAIN] * 8 + [VAL] * 2)
+    wheel = rng.random((10, T)) * 0.3  # (K, T)
+    wheel[split == VAL] = 50.0 + 10 * rng.random((2, T))  # held-out trials far off: must not count
+    whisker = np.full((10, T), 0.4)  # a flat target
+    var = target_variance(_session(wheel, whisker, split))
+    assert set(var) == {"wheel", "whisker"}
+    assert var["wheel"] == pytest.approx(float(wheel[:8].astype(np.float32).var(dtype=np.float64)), rel=1e-6)
+    assert var["whisker"] == VAR_FLOOR
+    assert target_variance(_session(wheel, whisker, split), split=VAL)["wheel"] > 1.0
+    assert target_variance(_session(wheel, whisker, split), floor=0.5)["wheel"] == 0.5
+
+
+def test_target_variance_errors() -> None:
+    wheel = np.zeros((4, T))
+    with pytest.raises(DataError, match="no trial in the 'train' split"):
+        target_variance(_session(wheel, wheel, np.full(4, VAL)))
+    with pytest.raises(DataError, match="wheel: has no finite value in the 'train' split"):
+        target_variance(_session(np.full((4, T), np.nan), wheel, np.full(4, TRAIN)))
+
+
+def test_target_variance_skips_non_finite_bins() -> None:
+    rng = np.random.default_rng(1)
+    wheel = rng.random((4, T))  # (K, T)
+    bad = wheel.copy()
+    bad[0, 3], bad[2, 7] = np.nan, np.inf  # left for the training step to report with its trials
+    kept = bad.astype(np.float32)[np.isfinite(bad)]  # (n,) the finite bins, as stored
+    var = target_variance(_session(bad, wheel, np.full(4, TRAIN)))
+    assert var["wheel"] == pytest.approx(float(kept.var(dtype=np.float64)), rel=1e-6)

@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from training.arrays import TEST, TRAIN, VAL, Normalisation, TrialArrays
 from training.checkpoint import load_checkpoint, read_checkpoint
 from training.config import NEDSConfig, TrainConfig
 from training.loader import check_splits, make_batch, plan_epoch
+from training.masking import target_variance
 from training.train import build_model, lr_at, masked_eval_loss, train
 
 pytestmark = pytest.mark.timeout(120)
@@ -144,6 +146,30 @@ def test_training_lowers_heldout_masked_loss_and_writes_run(tmp_path: Path) -> N
     assert model.vocab[EIDS[1]].norm == arrays[EIDS[1]].norm
     for k, v in res.model.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
+
+
+def test_training_normalises_regression_losses_by_each_sessions_train_variance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arrays = {e: synthetic_arrays(e, n_trials=40, seed=i) for i, e in enumerate(EIDS)}
+    arrays[EIDS[1]].wheel *= 0.1  # another scale (wheel < 0.1): its own variance; tells batches apart
+    want = {e: target_variance(a) for e, a in arrays.items()}
+    for eid, arr in arrays.items():  # the variance of the training trials' scaled wheel
+        assert want[eid]["wheel"] == pytest.approx(float(arr.wheel[arr.subset(TRAIN)].var()), rel=1e-5)
+    assert want[EIDS[1]]["wheel"] < 0.05 * want[EIDS[0]]["wheel"]
+    seen: list[tuple[str, object]] = []
+    real = train_mod.masked_losses
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        eid = EIDS[1] if float(args[2].max()) < 0.1 else EIDS[0]  # args[2]: the batch's wheel (B, T)
+        seen.append((eid, args[7] if len(args) > 7 else kwargs.get("target_var")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "masked_losses", spy)
+    train(arrays, tmp_path / "run", tiny_cfg(), quick(epochs=1))
+    assert {eid for eid, _ in seen} == set(EIDS)
+    for eid, target_var in seen:
+        assert target_var == want[eid], eid
 
 
 def test_resume_continues_where_the_run_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ import torch
 from neds_rt.errors import DataError
 from training.arrays import TEST, TRAIN, VAL, ContinuousArrays, Normalisation
 from training.masking import eval_mask, masked_losses
-from training.windows import build_window_arrays
+from training.windows import build_window_arrays, excluded_bins
 
 
 def _continuous(n_bins: int = 3000, n_units: int = 8, seed: int = 0) -> ContinuousArrays:
@@ -47,6 +47,26 @@ def test_windows_lie_inside_one_split_and_keep_per_bin_labels() -> None:
     assert (arr.choice == -1).any()  # windows span inter-trial gaps, not only trials
     starts = np.sort(arr.trial_index[arr.split == TRAIN])
     assert len({int(s) % 180 for s in starts}) > 3  # cut at many phases, not only at trial onsets
+
+
+def test_excluded_ranges_are_kept_out_of_every_window() -> None:
+    cont = _continuous()  # t0 = 10 s, 20 ms bins
+    # two test-trial-like ranges off the bin grid, and one partly before the session start
+    ranges = np.array([[18.031, 22.047], [40.005, 40.51], [5.0, 10.03]])
+    blocked = excluded_bins(cont, ranges)
+    bin_lo = cont.t0 + np.arange(cont.spikes.shape[0]) * cont.bin_size  # (T_total,) bin starts
+    touches = ((bin_lo[:, None] < ranges[None, :, 1]) & (bin_lo[:, None] + cont.bin_size
+                                                             > ranges[None, :, 0])).any(axis=1)
+    np.testing.assert_array_equal(blocked, touches)
+    assert blocked[:2].all() and not blocked[2] and blocked[401] and not blocked[400]
+    arr = build_window_arrays(cont, window_bins=50, stride=10, seed=1, exclude=ranges)
+    plain = build_window_arrays(cont, window_bins=50, stride=10, seed=1)
+    for s in arr.trial_index:
+        assert not blocked[int(s):int(s) + 50].any()
+    assert any(blocked[int(s):int(s) + 50].any() for s in plain.trial_index)  # the ranges mattered
+    assert 0 < arr.spikes.shape[0] < plain.spikes.shape[0] and arr.meta["excluded_ranges"] == 3
+    with pytest.raises(DataError, match="exclude"):
+        excluded_bins(cont, np.array([[12.0, 11.0]]))
 
 
 def test_too_short_stretches_are_a_clear_error() -> None:

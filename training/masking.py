@@ -13,22 +13,33 @@ when drawn; in ``CROSS`` each discrete modality is masked whole with probability
 
 A mask is a (B, M, T) bool tensor, True = the token is hidden from the model and its loss counts. Losses are
 computed on masked tokens only.
+
+Wheel and whisker are min-max scaled per session, so their variance is small (~0.015) and a plain MSE is
+tens of times smaller than the spike NLL and the cross-entropies. Training therefore divides each regression
+MSE by the variance of that target over the session's training trials (:func:`target_variance`): a
+normalised MSE, ``1 - R²`` in scale, whatever the scaling of the target.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from enum import IntEnum
 from typing import Final
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from neds_rt.errors import ConfigError, invalid
+from neds_rt.errors import ConfigError, DataError, invalid
+from training.arrays import SPLITS, TRAIN, TrialArrays
 from training.model import BEHAVIOUR, BLOCK, CHOICE, DISCRETE, MODALITIES, N_MODALITIES, SPIKES, NEDSOutput
 from training.model import trial_logits as _trial_logits
 
 EVAL_KINDS: Final = ("encoding", "decoding")
+REGRESSION: Final = ("wheel", "whisker")  # the continuous behaviour targets, normalised by their variance
+VAR_FLOOR: Final = 1e-6  # smallest target variance used (a flat target would blow the loss up)
 
 
 class Scheme(IntEnum):
@@ -97,6 +108,35 @@ def eval_mask(kind: str, batch: int, n_bins: int) -> Tensor:
     return mask
 
 
+def target_variance(arr: TrialArrays, split: int = TRAIN, floor: float = VAR_FLOOR) -> dict[str, float]:
+    """Variance of each scaled regression target (``wheel``, ``whisker``) over all bins of one session's
+    ``split`` trials, floored at ``floor``: the ``target_var`` of :func:`masked_losses` for that session.
+    Non-finite bins are left out here (the training step names the trials that hold them)."""
+    rows = arr.subset(split)  # (K_split,)
+    if rows.size == 0:
+        raise invalid(f"session {arr.eid}", f"has no trial in the {SPLITS[split]!r} split to take the "
+                      "behaviour variance from", 0, "check the split fractions", kind=DataError)
+    var: dict[str, float] = {}
+    for name in REGRESSION:
+        x = np.asarray(getattr(arr, name)[rows], dtype=np.float64)  # (K_split, T) scaled target
+        x = x[np.isfinite(x)]  # (n,) finite bins
+        if x.size == 0:
+            raise invalid(f"session {arr.eid} {name}", f"has no finite value in the {SPLITS[split]!r} split",
+                          rows.size, "rebuild the arrays; trials with NaN behaviour should be dropped",
+                          kind=DataError)
+        var[name] = max(float(x.var()), floor)
+    return var
+
+
+def _check_target_var(target_var: Mapping[str, float]) -> None:
+    for name in REGRESSION:
+        v = target_var.get(name)
+        if v is None or not (math.isfinite(v) and v > 0):
+            raise invalid(f"target_var[{name!r}]", "must be a finite variance > 0", v,
+                          "compute it with target_variance(arrays) on the session's training trials",
+                          kind=ConfigError)
+
+
 def masked_losses(
     out: NEDSOutput,
     spikes: Tensor,
@@ -105,11 +145,15 @@ def masked_losses(
     choice: Tensor,
     block: Tensor,
     mask: Tensor,
+    target_var: Mapping[str, float] | None = None,
 ) -> dict[str, Tensor]:
     """Per-modality mean loss over masked tokens, plus ``total`` (their sum); modalities with nothing masked
-    are left out. Spikes: Poisson NLL of log-rates; wheel/whisker: MSE; choice/block: cross-entropy of the
-    trial logits (mean of per-bin logits) over trials whose modality is masked, or, for per-bin (B, T) labels,
-    of the per-bin logits over masked bins that have a label."""
+    are left out. Spikes: Poisson NLL of log-rates; wheel/whisker: MSE, divided by ``target_var[name]`` when
+    given (the session's training variance of that target, see :func:`target_variance`: a normalised MSE);
+    choice/block: cross-entropy of the trial logits (mean of per-bin logits) over trials whose modality is
+    masked, or, for per-bin (B, T) labels, of the per-bin logits over masked bins that have a label."""
+    if target_var is not None:
+        _check_target_var(target_var)
     losses: dict[str, Tensor] = {}
     m_spk = mask[:, SPIKES]  # (B, T)
     if m_spk.any():
@@ -119,7 +163,9 @@ def masked_losses(
     for idx, pred, true in ((1, out.wheel, wheel), (2, out.whisker, whisker)):
         m = mask[:, idx]  # (B, T)
         if m.any():
-            losses[MODALITIES[idx]] = F.mse_loss(pred[m], true[m])
+            name = MODALITIES[idx]
+            mse = F.mse_loss(pred[m], true[m])  # () mean over masked bins
+            losses[name] = mse if target_var is None else mse / target_var[name]
     for idx, logits, labels in ((CHOICE, out.choice, choice), (BLOCK, out.block, block)):
         if labels.dim() == 2:  # per-bin labels (continuous windows): per-bin logits, -1 bins ignored
             m = mask[:, idx] & (labels >= 0)  # (B, T)

@@ -2,6 +2,8 @@
 
 - AdamW with a one-cycle schedule (linear warm-up, then cosine down to ``final_lr_frac`` of the peak);
 - one session per step; multi-task masks drawn per trial (:mod:`training.masking`);
+- wheel/whisker MSE divided by the session's training variance of each (a normalised MSE, on the scale of the
+  other losses), the stored min-max normalisation unchanged;
 - after each epoch (rank 0): validation metrics with the evaluation masks (encoding -> bits/spike, decoding ->
   wheel R², whisker R², choice and block balanced accuracy), their average is the model-selection score, and
   the masked validation loss; ``best.pt`` keeps the best score, ``last.pt`` the latest state (for resume);
@@ -40,7 +42,7 @@ from training.checkpoint import (
 from training.config import NEDSConfig, TrainConfig
 from training.distributed import DistInfo, all_mean, barrier, init_distributed, shutdown, wrap
 from training.loader import Batch, check_splits, iter_batches, make_batch, plan_epoch
-from training.masking import Scheme, draw_masks, eval_mask, masked_losses
+from training.masking import Scheme, draw_masks, eval_mask, masked_losses, target_variance
 from training.model import NEDS, count_parameters, trial_logits
 
 log = logging.getLogger(__name__)
@@ -239,7 +241,8 @@ def masked_eval_loss(
     device: torch.device | str = "cpu",
 ) -> float:
     """Mean multi-task masked loss over ``split`` trials with masks from a fixed seed (comparable across
-    checkpoints): the held-out version of the training objective."""
+    checkpoints): the held-out version of the training objective (wheel/whisker MSE normalised by each
+    session's training variance)."""
     gen = torch.Generator().manual_seed(seed)
     ratio = model.cfg.mask_ratio if ratio is None else ratio
     was_training = model.training
@@ -248,12 +251,13 @@ def masked_eval_loss(
     for eid in sorted(arrays):
         arr = arrays[eid]
         rows = arr.subset(split)
+        target_var = target_variance(arr)  # from the training trials, as in training
         for start in range(0, rows.size, batch_size):
             batch = make_batch(arr, rows[start : start + batch_size], device)
             mask, _ = draw_masks(batch.size, batch.spikes.shape[1], ratio, gen)
             out = _forward(model, batch, mask.to(device))
             loss = masked_losses(out, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block,
-                                 mask.to(device))["total"]
+                                 mask.to(device), target_var)["total"]
             total += float(loss) * batch.size
             n += batch.size
     model.train(was_training)
@@ -387,6 +391,8 @@ def _train(
                  len(data), n_params, steps_per_epoch, tcfg.epochs, device, info.world)
     gen = torch.Generator().manual_seed(tcfg.seed * 7919 + info.rank + 1)
     schemes = tuple(Scheme[name.upper()] for name in tcfg.schemes)  # masking schemes drawn
+    # each session's training variance of wheel/whisker: their MSE becomes scale-free, like the other losses
+    target_var = {eid: target_variance(arr) for eid, arr in data.items()}
     step_time, trials_seen = 0.0, 0
     net.train()
     for epoch in range(start_epoch, tcfg.epochs):
@@ -406,7 +412,7 @@ def _train(
             mask = mask.to(device)  # (B, M, T)
             pred = _forward(net, batch, mask)
             losses = masked_losses(pred, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block,
-                                   mask)
+                                   mask, target_var[batch.eid])
             loss = losses["total"]
             loss_value = all_mean(float(losses["total"].detach()), info)
             if not math.isfinite(loss_value):
