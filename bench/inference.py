@@ -42,6 +42,7 @@ TARGET_P99_MS: Final = 1.0  # issue 5: one onnxruntime step at p99 <= 1 ms on th
 TARGET_SPEEDUP: Final = 20.0  # issue 5: >= 20x faster than the naive full-window recompute
 BASELINE: Final = "naive: offline window recompute, onnxruntime CPU 1 thread"
 PRIMARY: Final = "onnxruntime CPU step, 1 thread"
+INT8: Final = "onnxruntime CPU step, 1 thread, int8 weights"
 
 
 @dataclass
@@ -301,14 +302,17 @@ def run_inference_bench(out: Path, cfg: InferenceBenchConfig | None = None) -> d
         offline_model = _model("offline", cfg)
         step_onnx, step_ts = models_dir / "step.onnx", models_dir / "step.pt"
         step_modality_onnx = models_dir / "step_5_tokens.onnx"
+        step_int8_onnx = models_dir / "step_int8.onnx"
         window_onnx = models_dir / "window_offline.onnx"
         t = time.perf_counter()
         export_model(stream_model, EID, step_onnx, fmt="onnx", graph="step", context=cfg.context)
         export_model(per_modality_model, EID, step_modality_onnx, fmt="onnx", graph="step",
                      context=cfg.context)
+        export_model(stream_model, EID, step_int8_onnx, fmt="onnx", graph="step", context=cfg.context,
+                     quantize="int8")
         export_model(stream_model, EID, step_ts, fmt="torchscript", graph="step", context=cfg.context)
         export_model(offline_model, EID, window_onnx, fmt="onnx", graph="window", context=cfg.context)
-        log.info("exported 4 graphs in %.1f s", time.perf_counter() - t)
+        log.info("exported 5 graphs in %.1f s", time.perf_counter() - t)
 
         cuda_ok, cuda_reason = _cuda_status()
         rows: list[_Row] = [
@@ -321,8 +325,10 @@ def run_inference_bench(out: Path, cfg: InferenceBenchConfig | None = None) -> d
             _eager_step_row(stream_model, cfg),
             _ort_step_row("onnxruntime CPU step, 1 thread, 5 tokens per bin", step_modality_onnx, cfg,
                           threads=1, note="the paper's one token per modality, for information"),
+            _ort_step_row(INT8, step_int8_onnx, cfg, threads=1,
+                          note="int8 MatMul weights (neds-rt export --quantize int8); decodes differ"),
         ]
-        rows[-1].same_model = False
+        rows[-2].same_model = rows[-1].same_model = False
         if cfg.cpu_batch > 0:
             rows.append(_ort_step_row(f"onnxruntime CPU step, batch {cfg.cpu_batch}", step_onnx, cfg,
                                       threads=1, batch=cfg.cpu_batch,
@@ -386,6 +392,7 @@ def _result(cfg: InferenceBenchConfig, rows: list[_Row], skipped: list[dict[str,
     base = next(r for r in rows if r.name == BASELINE)
     base_lat = latency_percentiles(np.asarray(base.wall_ns) / 1e6)
     ref = next(r for r in rows if r.name == "torch eager step").last_warmup
+    fp32 = next(r for r in rows if r.name == PRIMARY).last_warmup
     table: list[dict[str, Any]] = []
     for r in rows:
         lat = latency_percentiles(np.asarray(r.wall_ns) / 1e6)  # ms per call
@@ -394,14 +401,18 @@ def _result(cfg: InferenceBenchConfig, rows: list[_Row], skipped: list[dict[str,
         if (r.graph == "step" and r.batch == 1 and r.same_model and ref is not None
                 and r.last_warmup is not None):
             parity = float(np.abs(r.last_warmup - ref).max())  # same inputs from an empty state
+        vs_fp32 = None
+        if r.name == INT8 and r.last_warmup is not None and fp32 is not None:
+            vs_fp32 = float(np.abs(r.last_warmup - fp32).max())  # quantization error, same inputs
         table.append({
             "row": r.name, "engine": r.engine, "graph": r.graph, "device": r.device, "threads": r.threads,
             "batch": r.batch, "steps": len(r.wall_ns), "latency_ms": lat, "cpu_ms": cpu,
             "per_stream_p50_ms": lat["p50"] / r.batch,
             "speedup_p50": base_lat["p50"] / lat["p50"], "speedup_p99": base_lat["p99"] / lat["p99"],
-            "max_abs_diff_vs_eager": parity, "note": r.note,
+            "max_abs_diff_vs_eager": parity, "max_abs_diff_vs_float32": vs_fp32, "note": r.note,
         })
     primary = next(t for t in table if t["row"] == PRIMARY)
+    int8 = next(t for t in table if t["row"] == INT8)
     sizes = asdict(NEDSConfig(mode="streaming", dropout=0.0, n_bins=cfg.context, **cfg.sizes()))  # type: ignore[arg-type]
     return {
         "parameters": asdict(cfg) | {"bin_size_s": 0.02, "session": EID},
@@ -417,6 +428,9 @@ def _result(cfg: InferenceBenchConfig, rows: list[_Row], skipped: list[dict[str,
             "p99_met": primary["latency_ms"]["p99"] <= TARGET_P99_MS,
             "speedup_p50": primary["speedup_p50"], "target_speedup": TARGET_SPEEDUP,
             "speedup_met": primary["speedup_p50"] >= TARGET_SPEEDUP,
+            "int8_p99_ms": int8["latency_ms"]["p99"],
+            "int8_p99_met": int8["latency_ms"]["p99"] <= TARGET_P99_MS,
+            "int8_max_abs_diff_vs_float32": int8["max_abs_diff_vs_float32"],
         },
     }
 
@@ -450,6 +464,10 @@ def _print(result: dict[str, Any]) -> None:
     con.print(f"target ({t['row']}): p99 {t['p99_ms']:.3f} ms vs <= {t['target_p99_ms']} ms: "
               f"{'met' if t['p99_met'] else 'NOT met'}; {t['speedup_p50']:.1f}x the naive recompute at p50 "
               f"vs >= {t['target_speedup']:.0f}x: {'met' if t['speedup_met'] else 'NOT met'}", markup=False)
+    con.print(f"int8 weights ({INT8}): p99 {t['int8_p99_ms']:.3f} ms "
+              f"({'within' if t['int8_p99_met'] else 'over'} {t['target_p99_ms']} ms); decodes differ from "
+              f"float32 by up to {t['int8_max_abs_diff_vs_float32']:.2e} on the last warm-up step "
+              "(random weights: check a trained model's quality before serving int8)", markup=False)
     diffs = [r["max_abs_diff_vs_eager"] for r in result["rows"] if r["max_abs_diff_vs_eager"] is not None]
     m, load = result["machine"], result["load_average"]
     con.print(f"step rows agree with torch eager within {max(diffs):.2e} after the warm-up; "

@@ -281,6 +281,13 @@ def markdown(report: Mapping[str, Any]) -> str:
         if info.get("budget"):
             out += [f"Training budget: {info['budget']}.", ""]
         out += [*gap, ""]
+        for eid, det in (info.get("sessions") or {}).items():
+            q = det.get("int8")
+            if q:
+                worst = max(q["max_abs_diff_over_std"])
+                out += [f"int8 weights (`neds_streaming_int8`), session {eid}: largest decode difference "
+                        f"from float32 {worst:.2f} standard deviations of that decode channel (per channel: "
+                        + ", ".join(f"{v:.2g}" for v in q["max_abs_diff_over_std"]) + ").", ""]
     if report.get("fraction_of_ceiling_mean"):
         out += ["## Fraction of the oracle ceiling (mean over sessions; 0 = chance, 1 = ceiling)", ""]
         out += [*table(report["fraction_of_ceiling_mean"], models), ""]

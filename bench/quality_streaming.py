@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 from bench.quality import QualityConfig, add_streaming_rows, neds_metrics
+from bench.quality_report import add_model_rows
 from neds_rt.errors import DataError, invalid
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODEL: Final = "neds_streaming"
+INT8_MODEL: Final = "neds_streaming_int8"  # the same model exported with int8 weights, run by the step engine
 OFFLINE: Final = "neds_single"  # the offline NEDS with the same data and budget
 RULE: Final = ("wheel/whisker R2 over the 100 bins of each TEST trial window (stimOn -0.5..+1.5 s) from "
                "causal per-bin decodes; choice/block: per-bin probabilities averaged over the trial window, "
@@ -120,6 +122,25 @@ def streaming_predictions(decodes: np.ndarray, arr: TrialArrays) -> dict[str, np
     }
 
 
+def engine_decodes(path: Path, counts: np.ndarray, starts: np.ndarray, n_bins: int, lead: int) -> np.ndarray:
+    """(K, n_bins, 6) decodes of an exported step graph (``neds_rt.engine``, onnxruntime CPU, 1 thread) for
+    bins ``start .. start + n_bins - 1`` of ``counts`` (T_total, N): the engine is reset and stepped through
+    the ``lead`` bins before each window first, as :func:`causal_decodes` does with the torch model."""
+    from neds_rt.engine import open_engine
+
+    eng = open_engine(path, "onnx", threads=1)
+    out = np.zeros((starts.size, n_bins, 6), dtype=np.float64)
+    for k, start in enumerate(starts):
+        lead_k = int(min(max(start, 0), lead))
+        x, _ = _stretches(counts, starts[k : k + 1], lead_k, n_bins)  # (1, lead_k + T, N)
+        eng.reset()
+        for t in range(x.shape[1]):
+            decode = eng.step(x[0, t : t + 1])  # (1, 6)
+            if t >= lead_k:
+                out[k, t - lead_k] = decode[0]
+    return out
+
+
 def score_streaming(model: NEDS, arr: TrialArrays, cont: ContinuousArrays, rows: np.ndarray,
                     context: int | None = None) -> tuple[dict[str, float | None], dict[str, Any]]:
     """Decoding metrics of the causal decodes on the trial windows ``rows`` (the TEST trials), and details
@@ -131,6 +152,24 @@ def score_streaming(model: NEDS, arr: TrialArrays, cont: ContinuousArrays, rows:
                     padded)
     scores = neds_metrics(streaming_predictions(decodes, arr), arr, rows, tasks=("decoding",))
     return scores, {"decodes": decodes, "grid_offset_s": offset, "padded_bins": padded}
+
+
+def score_int8(model: NEDS, arr: TrialArrays, cont: ContinuousArrays, rows: np.ndarray, fp32: np.ndarray,
+               path: Path) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """Export ``model`` with int8 weights to ``path`` (``neds-rt export --quantize int8``), decode the trial
+    windows ``rows`` with the step engine, score them like :func:`score_streaming`, and compare the decodes
+    with the float32 ones ``fp32`` (K, T, 6); details hold the int8 ``decodes`` (K, T, 6)."""
+    from training.export import export_model
+
+    c = model.cfg.n_bins
+    export_model(model, arr.eid, path, graph="step", context=c, quantize="int8")
+    starts, _ = trial_start_bins(arr, cont, rows)
+    decodes = engine_decodes(path, cont.spikes, starts, arr.n_bins, receptive_bins(model, c))
+    scores = neds_metrics(streaming_predictions(decodes, arr), arr, rows, tasks=("decoding",))
+    diff = np.abs(decodes - fp32).reshape(-1, 6).max(axis=0)  # (6,) per decode channel
+    spread = fp32.reshape(-1, 6).std(axis=0)  # (6,)
+    return scores, {"max_abs_diff_vs_float32": diff.tolist(),
+                    "max_abs_diff_over_std": (diff / np.maximum(spread, 1e-12)).tolist(), "decodes": decodes}
 
 
 # ---- training -------------------------------------------------------------------------------------------
@@ -180,6 +219,7 @@ def add_streaming(report: dict[str, Any], data: Path, out: Path, cfg: QualityCon
 
     one = open_one(Path(data))
     rows: dict[str, dict[str, float | None]] = {}
+    int8_rows: dict[str, dict[str, float | None]] = {}
     details: dict[str, Any] = {}
     for eid in report["heldout_sessions"]:
         t0 = time.perf_counter()
@@ -192,8 +232,19 @@ def add_streaming(report: dict[str, Any], data: Path, out: Path, cfg: QualityCon
                         "grid_offset_max_s": extra["grid_offset_s"], "padded_bins": extra["padded_bins"]}
         report["timing"][f"{MODEL}_{eid}_s"] = time.perf_counter() - t0
         log.info("session %s: streaming NEDS scored on %s TEST trials", eid, test.size)
+        if cfg.int8:
+            t0 = time.perf_counter()
+            int8_rows[eid], q = score_int8(model, arr, cont, test, extra["decodes"],
+                                           out / "models" / eid / f"{INT8_MODEL}.onnx")
+            details[eid]["int8"] = {k: v for k, v in q.items() if k != "decodes"}
+            report["timing"][f"{INT8_MODEL}_{eid}_s"] = time.perf_counter() - t0
     budget = (f"as many optimiser steps of {cfg.batch_size} continuous windows (a trial window long) as "
               f"{OFFLINE} takes of {cfg.batch_size} TRAIN trials ({cfg.epochs} epochs); no window touches a "
               "TEST trial window")
     meta = {"model": MODEL, "offline": OFFLINE, "rule": RULE, "budget": budget, "sessions": details}
-    return add_streaming_rows(report, rows, model=MODEL, info=meta)
+    report = add_streaming_rows(report, rows, model=MODEL, info=meta)
+    if int8_rows:
+        report = add_model_rows(report, INT8_MODEL, int8_rows, note=(
+            "the streaming NEDS exported with int8 MatMul weights (neds-rt export --quantize int8) and run "
+            "by the onnxruntime step engine over the same stretches"))
+    return report

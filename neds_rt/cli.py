@@ -142,18 +142,22 @@ def export_cmd(
     graph: Annotated[str, typer.Option(help="step (one bin per call, state kept) | window")] = "step",
     session: Annotated[str | None, typer.Option(help="Session (eid) whose units the file serves.")] = None,
     context: Annotated[int | None, typer.Option(help="Context C in bins (default: n_bins).")] = None,
+    quantize: Annotated[str, typer.Option(
+        help="none | int8: int8 MatMul weights (ONNX only); decodes differ slightly from float32.")] = "none",
 ) -> None:
     """Export a checkpoint to ONNX or TorchScript; its metadata (units, context, ...) travel inside."""
     from training.export import export_checkpoint
 
     try:
-        meta = export_checkpoint(checkpoint, out, fmt=format, graph=graph, eid=session, context=context)
+        meta = export_checkpoint(checkpoint, out, fmt=format, graph=graph, eid=session, context=context,
+                                 quantize=quantize)
     except NedsRtError as err:
         raise _fail(err) from err
     typer.echo(
         f"wrote {out}: {meta.mode} {meta.graph} graph, session {meta.session}, {meta.n_units} units, "
         f"context {meta.context} bins of {meta.bin_size * 1000:.0f} ms, outputs "
         f"{', '.join(o.label for o in meta.outputs)}, weights sha256 {meta.weights_sha256[:12]}"
+        + (", int8 weights" if "quantization" in meta.extra else "")
     )
 
 
@@ -381,6 +385,9 @@ def bench_quality(
     streaming: Annotated[bool, typer.Option(
         "--streaming/--no-streaming",
         help="Also train a streaming NEDS per held-out session and score its causal decodes.")] = True,
+    int8: Annotated[bool, typer.Option(
+        "--int8/--no-int8",
+        help="With --streaming: also score the streaming NEDS exported with int8 weights.")] = True,
 ) -> None:
     """NEDS vs linear, RRR and unimodal baselines and the oracle ceiling, and the streaming NEDS's gap to the
     offline one: report.json/.md and PNGs."""
@@ -392,7 +399,7 @@ def bench_quality(
 
     fields: dict[str, Any] = {k: v for k, v in dict(n_pretrain=pretrain, n_heldout=heldout, preset=preset)
                               .items() if v is not None}
-    fields |= dict(seed=seed, threads=threads, streaming=streaming)
+    fields |= dict(seed=seed, threads=threads, streaming=streaming, int8=int8)
     if epochs is not None:
         fields |= dict(epochs=epochs, pretrain_epochs=epochs, finetune_epochs=epochs)
     try:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bench.inference import BASELINE, PRIMARY, InferenceBenchConfig, run_inference_bench, spike_counts
+from bench.inference import BASELINE, INT8, PRIMARY, InferenceBenchConfig, run_inference_bench, spike_counts
 from bench.report import LATENCY_KEYS, latency_percentiles, plot_latency, write_json
 from neds_rt.cli import app
 from neds_rt.errors import ConfigError, DataError
@@ -26,7 +26,7 @@ TINY: dict[str, Any] = dict(steps=24, warmup=4, baseline_steps=4, rounds=2, n_un
 
 STEP_ROWS = {PRIMARY, "onnxruntime CPU step, 2 threads", "onnxruntime CPU step, 2 threads, spinning",
              "TorchScript CPU step", "torch eager step", "onnxruntime CPU step, batch 3",
-             "onnxruntime CPU step, 1 thread, 5 tokens per bin"}
+             "onnxruntime CPU step, 1 thread, 5 tokens per bin", INT8}
 NAIVE_ROWS = {BASELINE, "naive: offline window recompute, torch eager"}
 CUDA_ROWS = {"onnxruntime CUDA step", "TorchScript CUDA step", "onnxruntime CUDA step, batch 2"}
 
@@ -68,10 +68,14 @@ def test_step_rows_decode_like_torch_eager(tiny_run: tuple[Path, dict[str, Any]]
     _, result = tiny_run
     five = "onnxruntime CPU step, 1 thread, 5 tokens per bin"  # another model: no parity against eager
     diffs = {r["row"]: r["max_abs_diff_vs_eager"] for r in result["rows"]
-             if r["graph"] == "step" and r["batch"] == 1 and r["row"] != five}
+             if r["graph"] == "step" and r["batch"] == 1 and r["row"] not in (five, INT8)}
     assert set(diffs) >= {PRIMARY, "TorchScript CPU step", "torch eager step"}
     assert all(d is not None and d < 1e-4 for d in diffs.values()), diffs
     assert next(r for r in result["rows"] if r["row"] == five)["max_abs_diff_vs_eager"] is None
+    int8 = next(r for r in result["rows"] if r["row"] == INT8)  # quantized: compared with float32 instead
+    assert int8["max_abs_diff_vs_eager"] is None
+    assert 0 < int8["max_abs_diff_vs_float32"] == result["targets"]["int8_max_abs_diff_vs_float32"] < 0.5
+    assert all(r["max_abs_diff_vs_float32"] is None for r in result["rows"] if r["row"] != INT8)
 
 
 def test_png_is_written(tiny_run: tuple[Path, dict[str, Any]]) -> None:

@@ -200,6 +200,36 @@ def test_streaming_decodes_equal_a_causal_run_over_the_whole_session() -> None:
         np.testing.assert_allclose(dec[k], full[0, s:s + 100].numpy(), atol=1e-4)
 
 
+def test_engine_decodes_equal_the_torch_causal_decodes_and_int8_is_scored(tmp_path: Path) -> None:
+    from bench.quality_streaming import (
+        causal_decodes,
+        engine_decodes,
+        receptive_bins,
+        score_int8,
+        score_streaming,
+        trial_start_bins,
+    )
+    from tests._models import tiny_streaming_model
+    from training.export import export_model
+
+    model = tiny_streaming_model(n_units=8)
+    arr, cont = _stream_session()
+    test = arr.subset(TEST)
+    starts = np.array([150, *trial_start_bins(arr, cont, test)[0]])
+    ref, _ = causal_decodes(model, "tiny-eid", cont.spikes, starts, 100)
+    export_model(model, "tiny-eid", tmp_path / "f32.onnx", graph="step", context=100)
+    got = engine_decodes(tmp_path / "f32.onnx", cont.spikes, starts, 100, receptive_bins(model, 100))
+    np.testing.assert_allclose(got, ref, atol=1e-4)  # the step engine, reset and led in, = the torch run
+    scores, extra = score_streaming(model, arr, cont, test)
+    q_scores, q = score_int8(model, arr, cont, test, extra["decodes"], tmp_path / "q.onnx")
+    assert (tmp_path / "q.onnx").exists() and set(q_scores) == set(scores)
+    assert len(q["max_abs_diff_vs_float32"]) == 6 and 0 < max(q["max_abs_diff_vs_float32"])
+    assert max(q["max_abs_diff_over_std"]) < 1.0  # int8 stays within the spread of the decodes
+    for ch in range(6):  # int8 decodes explain the float32 decodes of every channel
+        fp32, int8 = extra["decodes"][..., ch].ravel(), q["decodes"][..., ch].ravel()
+        assert 1 - ((int8 - fp32) ** 2).sum() / ((fp32 - fp32.mean()) ** 2).sum() > 0.99
+
+
 def test_streaming_scores_are_causal_and_on_exactly_the_test_trials() -> None:
     from bench.quality_streaming import score_streaming, streaming_predictions
     from tests._models import tiny_streaming_model
@@ -299,7 +329,7 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
         prepare_sessions(data, QualityConfig(n_pretrain=3, n_heldout=1))
     rep = json.loads((out / "report.json").read_text())
     expected = ["oracle", "psth", "linear", "rrr", "neds_encoding", "neds_decoding", "neds_single",
-                "neds_multi", "neds_streaming"]
+                "neds_multi", "neds_streaming", "neds_streaming_int8"]
     assert rep["models"] == expected
     assert len(rep["heldout_sessions"]) == 1 and len(rep["pretrain_sessions"]) == 2
     eid = rep["heldout_sessions"][0]
@@ -312,9 +342,10 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     assert rep["results"][eid]["neds_encoding"]["wheel_r2"] is None  # encoding-only: no decoding scores
     assert rep["results"][eid]["neds_decoding"]["bits_per_spike"] is None
     assert isinstance(rep["results"][eid]["linear"]["wheel_r2"], float)
-    stream = rep["results"][eid]["neds_streaming"]  # causal decodes of the streaming NEDS, decoding only
-    assert stream["bits_per_spike"] is None
-    assert all(isinstance(stream[m], float) and math.isfinite(stream[m]) for m in GAP_METRICS)
+    for name in ("neds_streaming", "neds_streaming_int8"):  # causal decodes, decoding only
+        stream = rep["results"][eid][name]
+        assert stream["bits_per_spike"] is None
+        assert all(isinstance(stream[m], float) and math.isfinite(stream[m]) for m in GAP_METRICS)
     gap = rep["streaming_gap"]
     assert gap["offline"] == "neds_single"
     for m in GAP_METRICS:
@@ -326,6 +357,8 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     assert info["test_trials"] == rep["n_trials"][eid]["test"] == info["excluded_test_trials"]
     assert info["train_windows"] > 0 and info["steps"] >= 1 and 0 <= info["grid_offset_max_s"] <= 0.01
     assert (out / "models" / eid / "neds_streaming" / "best.pt").exists()
+    assert (out / "models" / eid / "neds_streaming_int8.onnx").exists()
+    assert len(info["int8"]["max_abs_diff_vs_float32"]) == 6
     assert isinstance(rep["results"][eid]["oracle"]["bits_per_spike"], float)
     assert rep["regions"]["n_regions"] >= 2 and 0.0 <= rep["regions"]["neds_accuracy"] <= 1.0
     assert len(rep["checks"]) == 9
@@ -336,3 +369,4 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "| model | bits/spike |" in md and "| neds_multi |" in md and "## Done-when checks" in md
     assert "## Streaming vs offline" in md and "| wheel R2 |" in md and "| neds_streaming |" in md
+    assert "| neds_streaming_int8 |" in md and "int8 weights (`neds_streaming_int8`)" in md

@@ -183,3 +183,29 @@ def test_meta_json_round_trip() -> None:
 def test_export_tiny_helper_writes_a_loadable_file(tmp_path: Path) -> None:
     path = export_tiny(tmp_path / "t.onnx")
     assert open_engine(path).meta.n_units == 12
+
+
+def test_int8_export_quantizes_weights_and_stays_close_to_float32(model, files: dict[str, Path],  # type: ignore[no-untyped-def]
+                                                                  tmp_path: Path) -> None:
+    import onnx
+
+    path = tmp_path / "int8.onnx"
+    meta = export_model(model, model.eids[0], path, graph="step", context=CONTEXT, quantize="int8")
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops and "quantization" in meta.extra
+    q, f = open_engine(path), open_engine(files["onnx-step"])
+    assert q.meta.extra["quantization"] == meta.extra["quantization"] and "quantization" not in f.meta.extra
+    assert q.meta.weights_sha256 == f.meta.weights_sha256 == weights_sha256(model, model.eids[0])
+    counts = _inputs("realistic", 60)[0]  # (60, 12)
+    dq = np.concatenate([q.step(c) for c in counts])  # (60, 6)
+    df = np.concatenate([f.step(c) for c in counts])  # (60, 6)
+    assert not np.array_equal(dq, df)  # really another graph
+    spread = df.max(axis=0) - df.min(axis=0)  # (6,) range of each decode channel over the run
+    assert np.all(np.abs(dq - df).max(axis=0) <= 0.1 * spread + 1e-3)
+    for ch in range(df.shape[1]):
+        if spread[ch] > 1e-3:
+            assert np.corrcoef(dq[:, ch], df[:, ch])[0, 1] > 0.995
+    with pytest.raises(ConfigError, match="--quantize"):
+        export_model(model, model.eids[0], tmp_path / "q.pt", fmt="torchscript", quantize="int8")
+    with pytest.raises(ConfigError, match="--quantize"):
+        export_model(model, model.eids[0], tmp_path / "q.onnx", quantize="fp4")

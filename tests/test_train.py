@@ -20,7 +20,7 @@ from training.arrays import TEST, TRAIN, VAL, Normalisation, TrialArrays
 from training.checkpoint import load_checkpoint, read_checkpoint
 from training.config import NEDSConfig, TrainConfig
 from training.loader import check_splits, make_batch, plan_epoch
-from training.masking import target_variance
+from training.masking import eval_mask, target_variance
 from training.train import build_model, lr_at, masked_eval_loss, train
 
 pytestmark = pytest.mark.timeout(120)
@@ -122,6 +122,32 @@ def test_one_cycle_schedule_warms_up_then_decays() -> None:
     assert all(a <= b for a, b in itertools.pairwise(lrs[: peak + 1]))
     assert all(a >= b for a, b in itertools.pairwise(lrs[peak:]))
     assert lrs[-1] == pytest.approx(1e-5, rel=0.05)
+
+
+@pytest.mark.parametrize("mode", ["offline", "streaming"])
+def test_untrained_model_predicts_each_sessions_null_model(mode: str) -> None:
+    arrays = {e: synthetic_arrays(e, n_trials=50, seed=i) for i, e in enumerate(EIDS)}
+    arrays[EIDS[1]].choice[:] = 1  # a session with one class only: its prior is add-one smoothed
+    model = build_model(tiny_cfg(mode=mode), arrays, seed=0).eval()
+    for eid, arr in arrays.items():
+        rows = arr.subset(TRAIN)
+        b = make_batch(arr, arr.subset(TEST))
+        with torch.no_grad():
+            out = model(eid, b.spikes, b.wheel, b.whisker, b.choice, b.block,
+                        eval_mask("decoding", b.spikes.shape[0], 20))
+        mean_count = arr.spikes[rows].mean(axis=(0, 1))  # (N,)
+        assert torch.allclose(out.spikes, torch.log(torch.tensor(mean_count, dtype=torch.float32)).expand_as(
+            out.spikes), atol=1e-5)
+        assert torch.allclose(out.wheel, torch.tensor(float(arr.wheel[rows].mean())), atol=1e-5)
+        assert torch.allclose(out.whisker, torch.tensor(float(arr.whisker[rows].mean())), atol=1e-5)
+        counts = np.bincount(arr.choice[rows], minlength=2)
+        prior = (counts + 1.0) / (counts.sum() + 2)
+        got = out.choice.softmax(-1).reshape(-1, 2)  # (B*T, 2) every bin the same prior
+        assert torch.allclose(got, torch.tensor(prior, dtype=torch.float32).expand_as(got), atol=1e-5)
+        block_counts = np.bincount(arr.block[rows], minlength=3)
+        block_prior = torch.tensor((block_counts + 1.0) / (block_counts.sum() + 3), dtype=torch.float32)
+        assert torch.allclose(out.block.softmax(-1)[0, 0], block_prior, atol=1e-5)
+    assert int(arrays[EIDS[1]].choice[0]) == 1 and out.choice.softmax(-1)[0, 0, 1] > 0.95
 
 
 def test_training_lowers_heldout_masked_loss_and_writes_run(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 FORMATS: Final = ("onnx", "torchscript")
 GRAPHS: Final = ("step", "window")
+QUANTIZE: Final = ("none", "int8")
 OPSET: Final = 17
 
 
@@ -110,13 +111,26 @@ def _example_step_inputs(model: NEDS, eid: str, context: int, batch: int = 1) ->
 
 
 def export_model(
-    model: NEDS, eid: str, out: Path, fmt: str = "onnx", graph: str = "step", context: int | None = None
+    model: NEDS, eid: str, out: Path, fmt: str = "onnx", graph: str = "step", context: int | None = None,
+    quantize: str = "none",
 ) -> ModelMeta:
-    """Write ``model`` (session ``eid``) to ``out``; return the metadata written into the file."""
+    """Write ``model`` (session ``eid``) to ``out``; return the metadata written into the file.
+
+    ``quantize="int8"`` (ONNX only) stores every MatMul weight as int8, one scale per output channel, and
+    quantizes activations per call (onnxruntime dynamic quantization, 7-bit range for CPUs without VNNI);
+    the metadata then records it under ``extra["quantization"]``. The decodes are no longer equal to the
+    float32 model's: measure the difference on real data before serving it (``neds-rt bench inference``
+    prints it on random input, ``neds-rt bench latency`` gives the live decode quality).
+    """
     if fmt not in FORMATS:
         raise invalid("--format", f"must be one of {FORMATS}", fmt)
     if graph not in GRAPHS:
         raise invalid("--graph", f"must be one of {GRAPHS}", graph)
+    if quantize not in QUANTIZE:
+        raise invalid("--quantize", f"must be one of {QUANTIZE}", quantize)
+    if quantize != "none" and fmt != "onnx":
+        raise invalid("--quantize", "is only available with --format onnx", quantize,
+                      "drop --quantize, or export with --format onnx", kind=ConfigError)
     model._key(eid)  # raises a clear error for an unknown session
     c = context or model.cfg.n_bins
     if graph == "step" and not model.cfg.causal:
@@ -146,7 +160,9 @@ def export_model(
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporters warn about their own deprecation
         if fmt == "onnx":
-            _export_onnx(module, args, out, names_in, names_out, batch_axes, meta)
+            if quantize == "int8":
+                meta.extra["quantization"] = INT8_SCHEME
+            _export_onnx(module, args, out, names_in, names_out, batch_axes, meta, quantize)
         else:
             traced = torch.jit.trace(module, args, check_trace=False)
             torch.jit.save(traced, str(out), _extra_files={f"{META_KEY}.json": meta.to_json()})
@@ -154,14 +170,28 @@ def export_model(
     return meta
 
 
+INT8_SCHEME: Final = {"weights": "int8, symmetric, one scale per output channel (7-bit range)",
+                      "activations": "uint8, scale and zero point computed per call",
+                      "ops": "MatMul", "tool": "onnxruntime.quantization.quantize_dynamic"}
+
+
 def _export_onnx(module: nn.Module, args: tuple[Tensor, ...], out: Path, names_in: list[str],
-                 names_out: list[str], axes: dict[str, dict[int, str]], meta: ModelMeta) -> None:
+                 names_out: list[str], axes: dict[str, dict[int, str]], meta: ModelMeta,
+                 quantize: str = "none") -> None:
     import onnx
 
     tmp = out.with_suffix(out.suffix + ".tmp")
     torch.onnx.export(module, args, str(tmp), input_names=names_in, output_names=names_out,
                       dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    if quantize == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        fp32, tmp = tmp, out.with_suffix(out.suffix + ".int8.tmp")
+        quantize_dynamic(fp32, tmp, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
+                         weight_type=QuantType.QInt8)
+        fp32.unlink()
     proto = onnx.load(str(tmp))
+    del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, meta.to_json()
     onnx.save(proto, str(out))
@@ -170,7 +200,7 @@ def _export_onnx(module: nn.Module, args: tuple[Tensor, ...], out: Path, names_i
 
 def export_checkpoint(
     checkpoint: Path, out: Path, fmt: str = "onnx", graph: str = "step", eid: str | None = None,
-    context: int | None = None,
+    context: int | None = None, quantize: str = "none",
 ) -> ModelMeta:
     """Load a training checkpoint and export one of its sessions (the only one when ``eid`` is None)."""
     from training.checkpoint import load_checkpoint
@@ -181,4 +211,4 @@ def export_checkpoint(
             raise invalid("--session", f"must name one of the checkpoint's {len(model.eids)} sessions",
                           model.eids[:5], "pass --session EID", kind=ConfigError)
         eid = model.eids[0]
-    return export_model(model, eid, out, fmt=fmt, graph=graph, context=context)
+    return export_model(model, eid, out, fmt=fmt, graph=graph, context=context, quantize=quantize)

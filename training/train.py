@@ -29,7 +29,7 @@ from torch import nn
 
 from neds_rt.errors import ConfigError, DataError, invalid
 from training import metrics as _metrics
-from training.arrays import SPLITS, TRAIN, VAL, TrialArrays
+from training.arrays import N_BLOCK, N_CHOICE, SPLITS, TRAIN, VAL, TrialArrays
 from training.checkpoint import (
     check_vocab,
     config_of,
@@ -43,7 +43,7 @@ from training.config import NEDSConfig, TrainConfig
 from training.distributed import DistInfo, all_mean, barrier, init_distributed, shutdown, wrap
 from training.loader import Batch, check_splits, iter_batches, make_batch, plan_epoch
 from training.masking import Scheme, draw_masks, eval_mask, masked_losses, target_variance
-from training.model import NEDS, count_parameters, trial_logits
+from training.model import NEDS, SessionModules, count_parameters, trial_logits
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +75,41 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def build_model(cfg: NEDSConfig, arrays: Mapping[str, TrialArrays], seed: int = 0) -> NEDS:
-    """A fresh NEDS with one set of session layers per session of ``arrays`` (seeded: same on every rank)."""
+    """A fresh NEDS with one set of session layers per session of ``arrays`` (seeded: same on every rank),
+    every output head started at that session's null model (see :func:`init_heads`)."""
     torch.manual_seed(seed)
     model = NEDS(cfg)
     for eid in sorted(arrays):
         arr = arrays[eid]
-        mods = model.add_session(eid, arr.n_units, vocab_from_arrays(arr))
-        _init_rate_bias(mods.spikes_out, arr)
+        init_heads(model.add_session(eid, arr.n_units, vocab_from_arrays(arr)), arr)
     return model
 
 
 @torch.no_grad()
-def _init_rate_bias(head: nn.Linear, arr: TrialArrays) -> None:
-    """Start the spike head at the null model: bias = log mean count per bin of each unit (train trials)."""
+def init_heads(mods: SessionModules, arr: TrialArrays) -> None:
+    """Start every output head of a session at its null model, from the session's TRAIN trials.
+
+    Weights are zero and biases are: the log mean count per bin of each unit (spikes), the mean scaled wheel
+    speed and whisker energy (regression), the log class frequencies of choice and block. The untrained model
+    then predicts what a constant predictor would (bits/spike 0, R² 0, the class prior) instead of random
+    outputs tens of target variances away, which the first hundreds of steps would otherwise spend undoing;
+    the first update makes the weights non-zero, so gradients reach the transformer from the second step.
+    """
     rows = arr.subset(TRAIN)
     if rows.size == 0:
         return
-    mean = arr.spikes[rows].mean(axis=(0, 1), dtype=np.float64)  # (N,) mean count per bin
-    head.bias.copy_(torch.from_numpy(np.log(np.maximum(mean, 1e-3))).to(head.bias))
+    spikes = arr.spikes[rows].mean(axis=(0, 1), dtype=np.float64)  # (N,) mean count per bin
+    biases: list[tuple[nn.Linear, np.ndarray]] = [(mods.spikes_out, np.log(np.maximum(spikes, 1e-3)))]
+    for head, x in ((mods.wheel_out, arr.wheel[rows]), (mods.whisker_out, arr.whisker[rows])):
+        finite = x[np.isfinite(x)]  # NaN bins are named by the training step, not here
+        biases.append((head, np.array([finite.mean() if finite.size else 0.0])))
+    classes = ((mods.choice_out, arr.choice[rows], N_CHOICE), (mods.block_out, arr.block[rows], N_BLOCK))
+    for head, labels, n in classes:
+        counts = np.bincount(labels[(labels >= 0) & (labels < n)], minlength=n)[:n]  # (C,)
+        biases.append((head, np.log((counts + 1.0) / (counts.sum() + n))))  # add-one smoothed log prior
+    for head, bias in biases:
+        head.weight.zero_()
+        head.bias.copy_(torch.from_numpy(bias).to(head.bias))
 
 
 def _as_mapping(arrays: Mapping[str, TrialArrays] | Sequence[TrialArrays]) -> dict[str, TrialArrays]:
