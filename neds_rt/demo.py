@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 DEMO_SESSIONS = 3
 DEMO_SEED = 0
 DEMO_TRIALS = 150
-DEMO_EPOCHS = 4
+DEMO_EPOCHS = 16
 HELD_OUT_FRACTION = 0.3  # the tail of the replayed session that training never sees
 REPLAY_SECONDS = 60.0
 

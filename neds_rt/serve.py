@@ -242,9 +242,9 @@ class Server:
                      n_unused)
         elif not identity:
             log.info("stream units are in another order than the model's; remapping columns")
-        log.info("serving %s (%s, %s units, context %s bins) on %s stream %r, grace %.1f ms, clock %s",
-                 cfg.model, cfg.engine, self.n_units, meta.context, self.kind, cfg.stream, grace_ms,
-                 cfg.clock)
+        log.info("serving %s (%s%s, %s units, context %s bins) on %s stream %r, grace %.1f ms, clock %s",
+                 cfg.model, cfg.engine, ", int8 weights" if "quantization" in meta.extra else "",
+                 self.n_units, meta.context, self.kind, cfg.stream, grace_ms, cfg.clock)
 
     def _open_inlet(self) -> tuple[Any, str]:
         from neds_rt.inlets import LSLSpikeInlet, ZMQSpikeInlet
