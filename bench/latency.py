@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -37,6 +38,7 @@ import numpy as np
 
 from bench.report import console, latency_percentiles, machine_info, write_json
 from neds_rt.errors import ConfigError, StreamError, invalid
+from neds_rt.realtime import enter_realtime
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class LatencyBenchConfig:
     lead_s: float = 2.0  # replay's stream-time lead before the first spike
     settle_s: float = 1.5  # wait after replay ends for the last decodes
     show_serve: bool = False  # serve's status lines on this console instead of its log file
+    realtime: bool = False  # serve and replay at SCHED_FIFO, serve pinned to the last CPU, the rest elsewhere
 
     def check(self) -> None:
         if not self.duration > 0:
@@ -139,7 +142,10 @@ def _spawn(args: list[str], log_path: Path | None) -> subprocess.Popen[bytes]:
 
 
 def _reap(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float]:
-    """Wait for ``proc``; return (exit code, CPU seconds user+system) from its rusage."""
+    """Wait for ``proc``; return (exit code, CPU seconds user+system) from its rusage (NaN when the process
+    had already been reaped, e.g. by ``Popen.send_signal`` polling a child that had exited on its own)."""
+    if proc.returncode is not None:
+        return proc.returncode, math.nan
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -153,8 +159,25 @@ def _reap(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float]:
     return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
-def _one_run(data: Path, session: str, model: Path, engine: str, cfg: LatencyBenchConfig, out: Path
-             ) -> dict[str, Any]:
+def cpu_split() -> tuple[str, str] | None:
+    """(serve's CPU, the other CPUs) as ``--cpus`` values for a real-time run: serve gets the last CPU this
+    process may use, replay and the client the others; None on a single CPU (nothing to split)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return str(cpus[-1]), ",".join(map(str, cpus[:-1]))
+
+
+def _realtime_args(cfg: LatencyBenchConfig, split: tuple[str, str] | None, who: str) -> list[str]:
+    if not cfg.realtime:
+        return []
+    if split is None:
+        return ["--realtime"]
+    return ["--realtime", "--cpus", split[0] if who == "serve" else split[1]]
+
+
+def _one_run(data: Path, session: str, model: Path, engine: str, cfg: LatencyBenchConfig, out: Path,
+             split: tuple[str, str] | None = None) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:6]
     name, dec_name = f"nrt-{tag}", f"nrt-{tag}-decodes"
     log_csv, serve_json, replay_json = (out / f"{engine}_decodes.csv", out / f"{engine}_serve.json",
@@ -164,7 +187,7 @@ def _one_run(data: Path, session: str, model: Path, engine: str, cfg: LatencyBen
     serve = _spawn(["serve", "--model", str(model), "--engine", engine, "--stream", name, "--out-stream",
                     dec_name, "--log", str(log_csv), "--summary-json", str(serve_json), "--grace",
                     str(cfg.grace_ms), "--threads", str(cfg.threads), "--lsl-scope", "machine",
-                    "--status-every", "5", "--resolve-timeout", "180"],
+                    "--status-every", "5", "--resolve-timeout", "180", *_realtime_args(cfg, split, "serve")],
                    None if cfg.show_serve else out / f"{engine}_serve.log")
     client = _Client(dec_name, name)
     replay: subprocess.Popen[bytes] | None = None
@@ -175,7 +198,8 @@ def _one_run(data: Path, session: str, model: Path, engine: str, cfg: LatencyBen
         probe = [] if cfg.probe is None else ["--probe", cfg.probe]
         replay = _spawn(["replay", "--data", str(data), "--session", session, "--stream", name, "--speed",
                          str(cfg.speed), "--duration", str(cfg.duration), "--lead", str(cfg.lead_s),
-                         "--json", str(replay_json), "--lsl-scope", "machine", *start, *probe],
+                         "--json", str(replay_json), "--lsl-scope", "machine", *start, *probe,
+                         *_realtime_args(cfg, split, "replay")],
                         out / f"{engine}_replay.log")
         client.start_truth()
         replay_rc, replay_cpu = _reap(replay, cfg.duration / cfg.speed + 120.0)
@@ -343,9 +367,18 @@ def run_latency_bench(data: Path, session: str, model: Path | dict[str, Path], o
     cfg.check()
     out.mkdir(parents=True, exist_ok=True)
     models = model if isinstance(model, dict) else dict.fromkeys(cfg.engines, Path(model))
-    runs = [_one_run(Path(data), session, Path(models[engine]), engine, cfg, out) for engine in cfg.engines]
-    result = {"config": asdict(cfg), "session": session, "models": {k: str(v) for k, v in models.items()},
-              "machine": machine_info(), "runs": runs}
+    split = cpu_split() if cfg.realtime else None
+    # the measuring client stays off serve's CPU too (its pull threads are created after this)
+    restore = enter_realtime("bench client", None, [int(c) for c in split[1].split(",")]) if split else None
+    try:
+        runs = [_one_run(Path(data), session, Path(models[engine]), engine, cfg, out, split)
+                for engine in cfg.engines]
+    finally:
+        if restore is not None:
+            restore()
+    cpus = {"serve": split[0], "replay_and_client": split[1]} if split else None
+    result = {"config": asdict(cfg) | {"cpus": cpus}, "session": session,
+              "models": {k: str(v) for k, v in models.items()}, "machine": machine_info(), "runs": runs}
     write_json(out / "latency.json", result)
     _plot(out / "latency.png", runs)
     _print(runs)

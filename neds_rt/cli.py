@@ -191,12 +191,17 @@ def serve(
     = 10.0,
     summary_json: Annotated[Path | None, typer.Option(help="Also write the exit summary (stage "
                                                             "percentiles, counts, t0) as JSON here.")] = None,
+    realtime: Annotated[bool, typer.Option(
+        "--realtime", help="Run every serve thread at SCHED_FIFO (Linux, needs CAP_SYS_NICE; warns "
+                           "otherwise).")] = False,
+    cpus: Annotated[str | None, typer.Option(help="Pin serve to these CPUs, e.g. 1 or 2-3.")] = None,
 ) -> None:
     """Decode a live spike stream, one step per 20 ms bin: LSL Behavior + ZMQ decodes + decode log."""
     import signal
     import time
 
     from neds_rt import lsl_scope as scope
+    from neds_rt.realtime import parse_cpus
     from neds_rt.serve import ServeConfig, Server
 
     try:
@@ -206,7 +211,8 @@ def serve(
                           kind=kind,
                           zmq_in=zmq_in, zmq_out=zmq_out, out_stream=out_stream, log_path=log_path,
                           grace_ms=grace, duration_s=duration, clock=clock, t0=t0, stall_s=stall,
-                          status_s=status_every, resolve_timeout_s=resolve_timeout)
+                          status_s=status_every, resolve_timeout_s=resolve_timeout, realtime=realtime,
+                          cpus=parse_cpus(cpus))
         server = Server(cfg)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: server.stop())
@@ -247,6 +253,7 @@ def replay(
     = 1.0,
     realtime: Annotated[bool, typer.Option("--realtime", help="Pace from a SCHED_FIFO thread (Linux, needs "
                                                               "CAP_SYS_NICE; warns otherwise).")] = False,
+    cpus: Annotated[str | None, typer.Option(help="Pin the pacing thread to these CPUs, e.g. 0.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the replay summary here.")] = None,
 ) -> None:
     """Play a session as live streams: spikes (LSL/ZMQ), ground-truth behaviour and trial-event markers."""
@@ -255,13 +262,14 @@ def replay(
     import threading
 
     from neds_rt import lsl_scope as scope
+    from neds_rt.realtime import parse_cpus
     from streams.replay import ReplayConfig, Replayer, load_replay_session
 
     stop = threading.Event()
     try:
         cfg = ReplayConfig(stream=stream, speed=speed, loop=loop, start=start, duration=duration,
                            lsl=not no_lsl, zmq_out=zmq_out, lead_s=lead, chunk_s=chunk_ms / 1000.0,
-                           realtime=realtime)
+                           realtime=realtime, cpus=parse_cpus(cpus))
         cfg.check()
         if not no_lsl:
             scope.configure(lsl_scope)  # before any LSL call
@@ -303,6 +311,9 @@ def bench_latency(
                                                                 "engine (default: MODEL with .pt).")] = None,
     probe: Annotated[str | None, typer.Option(help="Probe to replay (default: the first).")] = None,
     grace: Annotated[float, typer.Option(help="Serve's grace in ms.")] = 5.0,
+    realtime: Annotated[bool, typer.Option(
+        "--realtime", help="Serve and replay at SCHED_FIFO; serve pinned to the last CPU, replay and the "
+                           "client to the others.")] = False,
 ) -> None:
     """Replay, serve and a measuring client as three processes: per-stage latency, missed bins, CPU use and
     live decode quality against the ground truth and the offline evaluation."""
@@ -311,7 +322,8 @@ def bench_latency(
 
     lsl_scope.configure("machine")
     cfg = LatencyBenchConfig(duration=duration, speed=speed, start=start, probe=probe, grace_ms=grace,
-                             engines=tuple(e.strip() for e in engines.split(",") if e.strip()))
+                             engines=tuple(e.strip() for e in engines.split(",") if e.strip()),
+                             realtime=realtime)
     try:
         models = {e: (torchscript_model or model.with_suffix(".pt")) if e == "torchscript" else model
                   for e in cfg.engines}

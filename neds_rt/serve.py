@@ -52,6 +52,7 @@ from neds_rt.binning import RejectedEvents, RingBinner
 from neds_rt.clock import StreamClock, grid_origin, host_now
 from neds_rt.errors import StreamError, invalid
 from neds_rt.inlets import CountsBatch, Gap, SpikeBatch, match_units
+from neds_rt.realtime import SERVE_PRIORITY, enter_realtime
 from neds_rt.telemetry import Summary, Telemetry, stage_budgets
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class ServeConfig:
     queue_size: int = 1024  # batches between the I/O thread and the bin loop
     warmup_steps: int = 50
     keep_rejected: int = 10_000  # rejected-event batches kept in Server.rejected
+    realtime: bool = False  # the whole process at SCHED_FIFO (neds_rt.realtime), set before any thread starts
+    cpus: tuple[int, ...] | None = None  # pin the process (all its threads) to these CPUs
 
 
 class _CountsRing:
@@ -313,6 +316,16 @@ class Server:
 
     def run(self) -> Summary:
         """Serve until :meth:`stop`, the duration, or a fatal stream error (re-raised after a clean close)."""
+        cfg = self.cfg
+        restore = (enter_realtime("serve", SERVE_PRIORITY if cfg.realtime else None, cfg.cpus)
+                   if cfg.realtime or cfg.cpus else None)  # before open(): liblsl's threads inherit it
+        try:
+            return self._run()
+        finally:
+            if restore is not None:
+                restore()
+
+    def _run(self) -> Summary:
         self.open()
         cfg = self.cfg
         gc_was_enabled = gc.isenabled()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from neds_rt.errors import ConfigError, DataError, StreamError, invalid
 from neds_rt.lsl_scope import pylsl
 from neds_rt.lsl_streams import StreamUnits, spike_stream_info
 from neds_rt.outlets import LSLBehaviorOutlet, LSLSpikeOutlet, ZMQSpikePublisher
+from neds_rt.realtime import REPLAY_PRIORITY, enter_realtime
 from streams.replay_events import (
     BEHAVIOUR_CHANNELS,
     BehaviourTimeline,
@@ -74,6 +74,7 @@ class ReplayConfig:
     spin_s: float = 0.0003  # busy-wait this long before each deadline
     max_buffered: int = 3600  # LSL outlet buffer: hundreds of samples (irregular streams)
     realtime: bool = False  # pace from a SCHED_FIFO thread (Linux; warns and goes on where not permitted)
+    cpus: tuple[int, ...] | None = None  # pin the pacing thread to these CPUs (neds_rt.realtime)
 
     def check(self) -> None:
         def _pos(name: str, v: float, fix: str) -> None:
@@ -509,7 +510,8 @@ class Replayer:
         chunk_lat, spike_lat, wake_lat = LatenessStats(), LatenessStats(), LatenessStats()
         counts = {"spikes": 0, "behaviour": 0, "markers": 0, "chunks": 0}
         loops, completed = 0, False
-        restore = _enter_realtime() if cfg.realtime else None
+        restore = (enter_realtime("replay", REPLAY_PRIORITY if cfg.realtime else None, cfg.cpus)
+                   if cfg.realtime or cfg.cpus else None)
         wall0 = mono()
         try:
             while True:
@@ -578,25 +580,6 @@ class Replayer:
         for line in summary.lines():
             log.info("%s", line)
         return summary
-
-
-def _enter_realtime(priority: int = 10) -> Callable[[], None] | None:
-    """Move the calling thread to SCHED_FIFO ``priority``; returns how to undo it (None when refused)."""
-    try:
-        old_policy, old_param = os.sched_getscheduler(0), os.sched_getparam(0)
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-    except (AttributeError, OSError) as err:  # not Linux, or no CAP_SYS_NICE / RLIMIT_RTPRIO
-        log.warning("replay: cannot pace from a SCHED_FIFO thread (%s); going on at normal priority", err)
-        return None
-    log.info("replay: pacing at SCHED_FIFO priority %s", priority)
-
-    def _restore() -> None:
-        try:
-            os.sched_setscheduler(0, old_policy, old_param)
-        except OSError as err:
-            log.warning("replay: could not restore the scheduling policy (%s)", err)
-
-    return _restore
 
 
 def load_replay_session(data: Path, eid: str, probe: str | None = None) -> Session:

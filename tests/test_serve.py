@@ -3,6 +3,7 @@ bin; binned-count input; SIGTERM / SIGINT shut a `neds-rt serve` process down cl
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -99,11 +100,16 @@ def test_lsl_spikes_decodes_equal_offline_engine_on_every_bin(model: Path, tmp_p
     assert [m.bin_end for m in msgs] == log.bin_end.tolist()
 
 
-def test_lsl_binned_counts_go_straight_to_the_engine(model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("realtime", [False, True])
+def test_lsl_binned_counts_go_straight_to_the_engine(model: Path, tmp_path: Path, realtime: bool,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     uid = uuid.uuid4().hex[:8]
     outlet = LSLCountsOutlet(f"cnt-{uid}", EID, UNIT_IDS, REGIONS, source_id=f"src-{uid}")
     cfg = ServeConfig(model, stream=f"cnt-{uid}", out_stream=f"dec-{uid}", log_path=tmp_path / "d.csv",
-                      wait_clients_s=10.0, warmup_steps=5, grace_ms=100.0)
+                      wait_clients_s=10.0, warmup_steps=5, grace_ms=100.0, realtime=realtime,
+                      cpus=(0,) if realtime else None)
+    policy, cpus = os.sched_getscheduler(0), os.sched_getaffinity(0)
+    caplog.set_level(logging.INFO, logger="neds_rt.realtime")
     st = ServerThread(cfg)
     clients = DecodeClients(f"dec-{uid}", None)
     rng = np.random.default_rng(1)
@@ -131,6 +137,13 @@ def test_lsl_binned_counts_go_straight_to_the_engine(model: Path, tmp_path: Path
     assert t0 is not None and abs(t0 - t_start[0]) < 1e-3
     np.testing.assert_allclose(lsl_ts[:60], t0 + BIN * (np.arange(60) + 1), rtol=0, atol=1e-9)
     assert np.all(log.flags[:60] & wire.FLAG_GAP_FILLED == 0)
+    said = caplog.text
+    if realtime:  # the serving thread was pinned and moved to SCHED_FIFO, or says why not
+        assert "serve: pinned to CPU 0" in said
+        assert "serve: running at SCHED_FIFO priority" in said or "serve: cannot run at SCHED_FIFO" in said
+    else:
+        assert "serve:" not in said
+    assert (os.sched_getscheduler(0), os.sched_getaffinity(0)) == (policy, cpus)  # the caller's thread kept
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
