@@ -10,7 +10,11 @@ Poisson spike counts (log-normal rates with a 7 Hz mean, 20 ms bins), one call p
 - TorchScript CPU step graph, and torch eager (:func:`training.streaming.step` under ``inference_mode``);
 - the naive baseline: the offline model recomputing its whole ``context``-bin window every tick (onnxruntime,
   and torch eager unless disabled);
-- a batched CPU row (``cpu_batch`` streams per call), and where CUDA exists, CUDA rows at B = 1 and batched.
+- a batched CPU row (``cpu_batch`` streams per call), and where CUDA exists, CUDA rows at B = 1 and batched;
+- paced rows: the 1-thread float32 and int8 steps called once per 20 ms bin, as serve calls them. Between
+  calls the core idles or runs other work, and the next call starts with cold caches: on the 2-core VM this
+  roughly doubles the int8 step (the figure to expect inside ``neds-rt serve``), where back-to-back calls
+  measure the kernels alone.
 
 Latency is wall time around one engine call (input checks, ring update and copies included, as served),
 after a warm-up that fills the key/value ring. Rows run interleaved in ``rounds`` chunks so that a shared,
@@ -43,6 +47,8 @@ TARGET_SPEEDUP: Final = 20.0  # issue 5: >= 20x faster than the naive full-windo
 BASELINE: Final = "naive: offline window recompute, onnxruntime CPU 1 thread"
 PRIMARY: Final = "onnxruntime CPU step, 1 thread"
 INT8: Final = "onnxruntime CPU step, 1 thread, int8 weights"
+PACED: Final = "onnxruntime CPU step, 1 thread, paced"
+INT8_PACED: Final = "onnxruntime CPU step, 1 thread, int8 weights, paced"
 
 
 @dataclass
@@ -57,6 +63,8 @@ class InferenceBenchConfig:
     context: int = 100  # bins: the ring of the step graph, the window of the naive baseline
     rate_hz: float = 7.0  # mean firing rate per unit
     cpu_batch: int = 8  # streams per call of the batched CPU row (0: no such row)
+    paced_steps: int = 1500  # timed calls of each paced row, one per ``pace_s`` (0: no paced rows)
+    pace_s: float = 0.02  # the bin cadence of the paced rows
     cuda_batches: tuple[int, ...] = (8, 32)  # batched CUDA rows, where CUDA exists
     eager_baseline: bool = True  # also time the naive baseline in torch eager
     hidden: int | None = None
@@ -68,7 +76,7 @@ class InferenceBenchConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> InferenceBenchConfig:
         """A short run (about a minute on a quiet 2-core CPU at default sizes)."""
-        base: dict[str, Any] = dict(steps=600, warmup=120, baseline_steps=20, rounds=2)
+        base: dict[str, Any] = dict(steps=600, warmup=120, baseline_steps=20, rounds=2, paced_steps=100)
         base.update(overrides)
         return cls(**base)
 
@@ -77,15 +85,17 @@ class InferenceBenchConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise invalid(f"bench inference {name}", "must be an integer >= 1", value, kind=ConfigError)
-        if self.warmup < 0 or self.cpu_batch < 0:
-            raise invalid("bench inference warmup / cpu_batch", "must be >= 0", (self.warmup, self.cpu_batch),
-                          kind=ConfigError)
+        if self.warmup < 0 or self.cpu_batch < 0 or self.paced_steps < 0:
+            raise invalid("bench inference warmup / cpu_batch / paced_steps", "must be >= 0",
+                          (self.warmup, self.cpu_batch, self.paced_steps), kind=ConfigError)
+        if self.paced_steps and not (math.isfinite(self.pace_s) and 0 < self.pace_s <= 1):
+            raise invalid("bench inference pace_s", "must be in (0, 1] s", self.pace_s, kind=ConfigError)
         if self.context < 2:
             raise invalid("bench inference context", "must be >= 2 bins", self.context, kind=ConfigError)
-        if self.rounds > min(self.steps, self.baseline_steps):
-            raise invalid("bench inference rounds", "must be <= steps and <= baseline_steps",
-                          (self.rounds, self.steps, self.baseline_steps), "use fewer rounds",
-                          kind=ConfigError)
+        if self.rounds > min(self.steps, self.baseline_steps, self.paced_steps or self.steps):
+            raise invalid("bench inference rounds", "must be <= steps, baseline_steps and paced_steps",
+                          (self.rounds, self.steps, self.baseline_steps, self.paced_steps),
+                          "use fewer rounds", kind=ConfigError)
         if not (math.isfinite(self.rate_hz) and self.rate_hz > 0):
             raise invalid("bench inference rate_hz", "must be a finite rate > 0 Hz", self.rate_hz,
                           kind=ConfigError)
@@ -113,6 +123,7 @@ class _Row:
     last_warmup: np.ndarray | None = None
     calls: int = 0  # calls so far (warm-up included): the index into the input stream
     same_model: bool = True  # same weights and layout as the eager row (parity is checked against it)
+    pace_s: float = 0.0  # > 0: one call per pace_s (as served), not back to back
 
 
 # ---- inputs and models ------------------------------------------------------------------------------------
@@ -172,7 +183,8 @@ def _ort_options(threads: int, spinning: bool) -> Any:
 
 
 def _ort_step_row(name: str, path: Path, cfg: InferenceBenchConfig, threads: int, batch: int = 1,
-                  device: str = "cpu", spinning: bool | None = None, note: str = "") -> _Row:
+                  device: str = "cpu", spinning: bool | None = None, note: str = "",
+                  paced: bool = False) -> _Row:
     from neds_rt.engine import OnnxStepEngine, open_engine
 
     eng = open_engine(path, "onnx", device=device, threads=threads, batch=batch)
@@ -185,6 +197,9 @@ def _ort_step_row(name: str, path: Path, cfg: InferenceBenchConfig, threads: int
                                          providers=eng.providers)
     if device == "cuda" and eng.providers[0] != "CUDAExecutionProvider":
         raise RuntimeError(f"onnxruntime fell back to {eng.providers} for {path}")
+    if paced:
+        return _Row(name, "onnxruntime", "step", device, threads, batch, cfg.paced_steps, eng.step, note,
+                    pace_s=cfg.pace_s)
     return _Row(name, "onnxruntime", "step", device, threads, batch, cfg.steps, eng.step, note)
 
 
@@ -262,8 +277,13 @@ def _inputs(row: _Row, counts: np.ndarray, index: int) -> np.ndarray:
 def _run(row: _Row, counts: np.ndarray, n: int, timed: bool) -> None:
     wall, cpu = time.perf_counter_ns, time.process_time_ns
     out: Any = None
+    pace_ns = int(row.pace_s * 1e9)
+    due = wall() + pace_ns
     for _ in range(n):
         x = _inputs(row, counts, row.calls)
+        if pace_ns:  # sleep to the next tick, as serve sleeps to the next bin's deadline
+            time.sleep(max(0.0, (due - wall()) / 1e9))
+            due += pace_ns
         c0 = cpu()
         t0 = wall()
         out = row.call(x)
@@ -329,6 +349,11 @@ def run_inference_bench(out: Path, cfg: InferenceBenchConfig | None = None) -> d
                           note="int8 MatMul weights (neds-rt export --quantize int8); decodes differ"),
         ]
         rows[-2].same_model = rows[-1].same_model = False
+        if cfg.paced_steps:
+            pace = f"one call per {cfg.pace_s * 1e3:g} ms, as served"
+            rows.append(_ort_step_row(PACED, step_onnx, cfg, threads=1, note=pace, paced=True))
+            rows.append(_ort_step_row(INT8_PACED, step_int8_onnx, cfg, threads=1, note=pace, paced=True))
+            rows[-1].same_model = False
         if cfg.cpu_batch > 0:
             rows.append(_ort_step_row(f"onnxruntime CPU step, batch {cfg.cpu_batch}", step_onnx, cfg,
                                       threads=1, batch=cfg.cpu_batch,
@@ -431,6 +456,8 @@ def _result(cfg: InferenceBenchConfig, rows: list[_Row], skipped: list[dict[str,
             "int8_p99_ms": int8["latency_ms"]["p99"],
             "int8_p99_met": int8["latency_ms"]["p99"] <= TARGET_P99_MS,
             "int8_max_abs_diff_vs_float32": int8["max_abs_diff_vs_float32"],
+            **{f"{key}_p99_ms": next(t for t in table if t["row"] == name)["latency_ms"]["p99"]
+               for key, name in (("paced", PACED), ("int8_paced", INT8_PACED)) if cfg.paced_steps},
         },
     }
 
@@ -468,6 +495,9 @@ def _print(result: dict[str, Any]) -> None:
               f"({'within' if t['int8_p99_met'] else 'over'} {t['target_p99_ms']} ms); decodes differ from "
               f"float32 by up to {t['int8_max_abs_diff_vs_float32']:.2e} on the last warm-up step "
               "(random weights: check a trained model's quality before serving int8)", markup=False)
+    if "paced_p99_ms" in t:
+        con.print(f"paced, one call per bin as served: float32 p99 {t['paced_p99_ms']:.3f} ms, int8 p99 "
+                  f"{t['int8_paced_p99_ms']:.3f} ms (cold caches after each idle gap)", markup=False)
     diffs = [r["max_abs_diff_vs_eager"] for r in result["rows"] if r["max_abs_diff_vs_eager"] is not None]
     m, load = result["machine"], result["load_average"]
     con.print(f"step rows agree with torch eager within {max(diffs):.2e} after the warm-up; "

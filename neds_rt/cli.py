@@ -92,7 +92,8 @@ def train(
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch's default).")] = 0,
-    array_cache: Annotated[Path, typer.Option(help="Cache of binned session arrays.")] = Path("array_cache"),
+    array_cache: Annotated[Path | None, typer.Option(
+        help="Cache of binned session arrays (default: DATA/neds_rt_arrays).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
     progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
 ) -> None:
@@ -250,7 +251,7 @@ def replay(
     lead: Annotated[float, typer.Option(help="Seconds between opening the streams and the first spike.")]
     = 2.0,
     chunk_ms: Annotated[float, typer.Option(help="Pacing chunk, ms: spikes due in a chunk leave at its end.")]
-    = 1.0,
+    = 0.5,
     realtime: Annotated[bool, typer.Option("--realtime", help="Pace from a SCHED_FIFO thread (Linux, needs "
                                                               "CAP_SYS_NICE; warns otherwise).")] = False,
     cpus: Annotated[str | None, typer.Option(help="Pin the pacing thread to these CPUs, e.g. 0.")] = None,
@@ -354,6 +355,8 @@ def bench_inference(
     baseline_steps: Annotated[
         int | None, typer.Option(help="Timed ticks of each naive full-window row (default 300).")] = None,
     rounds: Annotated[int | None, typer.Option(help="Rows run interleaved in this many chunks.")] = None,
+    paced_steps: Annotated[int | None, typer.Option(
+        help="Timed calls of the paced rows, one per 20 ms bin as served (default 1500; 0: none).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="A short run (600 steps, 20 naive ticks).")] = False,
     units: Annotated[int, typer.Option(help="Units of the session.")] = 600,
     context: Annotated[int, typer.Option(help="Context bins (ring of the step, window of the naive).")] = 100,
@@ -371,7 +374,7 @@ def bench_inference(
     from bench.inference import InferenceBenchConfig, run_inference_bench
 
     given = {k: v for k, v in dict(steps=steps, warmup=warmup, baseline_steps=baseline_steps,
-                                   rounds=rounds).items() if v is not None}
+                                   rounds=rounds, paced_steps=paced_steps).items() if v is not None}
     fields: dict[str, Any] = dict(n_units=units, context=context, rate_hz=rate, cpu_batch=cpu_batch,
                                   eager_baseline=eager_baseline, hidden=hidden, heads=heads, mlp=mlp,
                                   layers=layers) | given

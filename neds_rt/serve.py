@@ -1,12 +1,14 @@
 """The real-time serve loop: spikes in, one decode per 20 ms bin out, every bin stamped, logged and accounted.
 
-Threads. An I/O thread polls the inlet (LSL or ZMQ; parsing happens there, off the bin loop), copies each
-batch, maps stream unit indices to model columns and hands it to the bin loop through a bounded queue
-(a full queue drops the batch and counts it: ``dropped_batches`` / ``dropped_events``). The bin loop
+Threads. An I/O thread polls the inlet (LSL or ZMQ; parsing happens there, off the bin loop) at most once per
+``io_period_s`` (2 ms) while data flows, so it wakes ~500 times a second, not once per sender chunk; it copies
+each batch, maps stream unit indices to model columns and hands it to the bin loop through a bounded queue (a
+full queue drops the batch and counts it: ``dropped_batches`` / ``dropped_events``). The bin loop
 (:meth:`Server.run`, in the caller's thread) drains the queue into the binner, closes every bin whose end +
 grace has passed on the stream clock (:mod:`neds_rt.clock`), and for each closed bin, in order: one engine
 step -> LSL ``Behavior`` sample (timestamp = bin end) -> ZMQ decode (header: bin index, stamps, flags) ->
-decode log -> telemetry. It then sleeps on the queue until the next bin's deadline (deadline-based waiting).
+decode log -> telemetry. It then sleeps until the next bin's deadline (deadline-based waiting; on the local
+clock batches wait in the queue until then, so the loop wakes once per bin).
 
 Bins. Bin ``k`` covers ``[t0 + k*bin, t0 + (k+1)*bin)`` in stream time; ``t0`` is ``--t0`` or the first
 event's time floored to the bin grid (events) / the first bin's start (binned counts), and the first bin
@@ -88,6 +90,8 @@ class ServeConfig:
     resolve_timeout_s: float = 10.0
     wait_clients_s: float = 0.0  # before serving, wait this long for an LSL consumer / ZMQ subscriber
     queue_size: int = 1024  # batches between the I/O thread and the bin loop
+    io_period_s: float = 0.002  # the I/O thread pulls at most once per period (a pull per replay chunk
+    # would wake it ~2000 times a second); spikes wait at most this long, well inside the 5 ms grace
     warmup_steps: int = 50
     keep_rejected: int = 10_000  # rejected-event batches kept in Server.rejected
     realtime: bool = False  # the whole process at SCHED_FIFO (neds_rt.realtime), set before any thread starts
@@ -163,6 +167,8 @@ class Server:
             raise invalid("--grace", "must be >= 0 ms", cfg.grace_ms, "pass e.g. --grace 5")
         if cfg.duration_s is not None and not cfg.duration_s > 0:
             raise invalid("--duration", "must be > 0 s", cfg.duration_s)
+        if not 0 <= cfg.io_period_s < cfg.stall_s:
+            raise invalid("io_period_s", "must be >= 0 s and below the stall timeout", cfg.io_period_s)
         if not cfg.stall_s > 0 or cfg.queue_size < 1:
             raise invalid("stall_s/queue_size", "must be positive", (cfg.stall_s, cfg.queue_size))
         self.cfg = cfg
@@ -374,13 +380,19 @@ class Server:
             log.warning("no ZMQ subscriber on %s after %.1f s; serving anyway", self.cfg.zmq_out, t)
 
     def _wait(self, end_at: float) -> None:
-        """Sleep until the next bin's deadline (bin end + grace) or until a batch arrives."""
+        """Sleep until the next bin's deadline (bin end + grace). Batches wait in the queue until then on the
+        local clock (one wake-up per bin, not one per batch); before the grid starts, and on the stream
+        clock, where data moves the deadlines, the first batch to arrive wakes the loop."""
         timeout = 0.1
-        if self._src is not None and self.clock.mode == "local":
-            deadline = self._src.bin_end(self._src.next_bin) + self.grace
+        on_grid = self._src is not None and self.clock.mode == "local"
+        if on_grid:
+            deadline = self._src.bin_end(self._src.next_bin) + self.grace  # type: ignore[union-attr]
             timeout = min(timeout, deadline - host_now())
         timeout = min(timeout, end_at - host_now())
         if timeout <= 0:
+            return
+        if on_grid:
+            self._stop.wait(timeout)
             return
         try:
             item = self._queue.get(timeout=timeout)
@@ -390,8 +402,13 @@ class Server:
 
     # -- I/O thread --------------------------------------------------------------------------------------
     def _io_loop(self) -> None:
-        inlet, io = self.inlet, self._io
+        inlet, io, period = self.inlet, self._io, self.cfg.io_period_s
+        next_pull = 0.0
         while not self._stop.is_set():
+            rest = next_pull - host_now()
+            if rest > 0 and self._stop.wait(rest):  # coalesce: one pull per period while data flows
+                return
+            next_pull = host_now() + period
             try:
                 batch = inlet.poll(5.0)
             except StreamError as e:  # e.g. the stream came back with other units: cannot go on

@@ -7,9 +7,10 @@ Clock: stream time = ``t0 + (session time - start) / speed`` (+ ``loop * period`
 ``t_start_stream``, ``session_start``, ``session_end``, ``speed``, ``loop``) so a consumer can map stamps
 back onto the session clock (:func:`replay_clock_from_info`).
 
-Pacing: the replay clock is cut into ``chunk_s`` chunks (1 ms); each chunk's deadline is computed from the
-schedule (never by adding up sleeps), the loop sleeps coarsely until ``spin_s`` before it, spins the
-rest, then pushes every event due by then, each with its own exact timestamp. Lateness (push time -
+Pacing: the replay clock is cut into ``chunk_s`` chunks (0.5 ms); each chunk's deadline is computed from the
+schedule (never by adding up sleeps), the loop sleeps until ``spin_s`` before it (0: no spinning; the
+kernel's wake-up slack is ~0.1 ms, and spinning would cost the CPU that serve needs on a small host), spins
+the rest, then pushes every event due by then, each with its own exact timestamp. Lateness (push time -
 scheduled time) is kept per chunk and per spike in fixed-size histograms (:class:`LatenessStats`) and
 reported in the :class:`ReplaySummary`. Chunks with nothing due are skipped.
 """
@@ -70,8 +71,8 @@ class ReplayConfig:
     markers: bool = True  # the trial-event Markers stream (LSL only)
     behaviour_rate_hz: float = 1.0 / BIN_SIZE_S  # samples per SESSION second
     lead_s: float = 2.0  # seconds from open() to the first scheduled sample (consumers connect meanwhile)
-    chunk_s: float = 0.001  # pacing chunk, stream seconds
-    spin_s: float = 0.0003  # busy-wait this long before each deadline
+    chunk_s: float = 0.0005  # pacing chunk, stream seconds (0.5 ms: every spike leaves within ~0.7 ms)
+    spin_s: float = 0.0  # busy-wait this long before each deadline (0.3 ms costs ~20% of a core)
     max_buffered: int = 3600  # LSL outlet buffer: hundreds of samples (irregular streams)
     realtime: bool = False  # pace from a SCHED_FIFO thread (Linux; warns and goes on where not permitted)
     cpus: tuple[int, ...] | None = None  # pin the pacing thread to these CPUs (neds_rt.realtime)
@@ -83,9 +84,9 @@ class ReplayConfig:
 
         _pos("--speed", self.speed, "pass --speed 1 for real time, 2 for twice as fast")
         _pos("behaviour_rate_hz", self.behaviour_rate_hz, "use 50")
-        _pos("chunk_s", self.chunk_s, "use 0.001")
+        _pos("chunk_s", self.chunk_s, "use 0.0005")
         if self.chunk_s > 0.1:
-            raise invalid("chunk_s", "must be at most 0.1 s", self.chunk_s, "use 0.001", kind=ConfigError)
+            raise invalid("chunk_s", "must be at most 0.1 s", self.chunk_s, "use 0.0005", kind=ConfigError)
         for name, v in (("spin_s", self.spin_s), ("--lead", self.lead_s)):
             if not (math.isfinite(v) and v >= 0):
                 raise invalid(name, "must be a finite number >= 0 s", v, kind=ConfigError)

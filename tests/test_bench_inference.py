@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,18 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bench.inference import BASELINE, INT8, PRIMARY, InferenceBenchConfig, run_inference_bench, spike_counts
+from bench.inference import (
+    BASELINE,
+    INT8,
+    INT8_PACED,
+    PACED,
+    PRIMARY,
+    InferenceBenchConfig,
+    _Row,
+    _run,
+    run_inference_bench,
+    spike_counts,
+)
 from bench.report import LATENCY_KEYS, latency_percentiles, plot_latency, write_json
 from neds_rt.cli import app
 from neds_rt.errors import ConfigError, DataError
@@ -22,11 +34,12 @@ from neds_rt.errors import ConfigError, DataError
 pytestmark = pytest.mark.timeout(120)
 
 TINY: dict[str, Any] = dict(steps=24, warmup=4, baseline_steps=4, rounds=2, n_units=12, context=6, hidden=16,
-                            heads=2, mlp=32, layers=2, cpu_batch=3, cuda_batches=(2,))
+                            heads=2, mlp=32, layers=2, cpu_batch=3, cuda_batches=(2,), paced_steps=4,
+                            pace_s=0.005)
 
 STEP_ROWS = {PRIMARY, "onnxruntime CPU step, 2 threads", "onnxruntime CPU step, 2 threads, spinning",
              "TorchScript CPU step", "torch eager step", "onnxruntime CPU step, batch 3",
-             "onnxruntime CPU step, 1 thread, 5 tokens per bin", INT8}
+             "onnxruntime CPU step, 1 thread, 5 tokens per bin", INT8, PACED, INT8_PACED}
 NAIVE_ROWS = {BASELINE, "naive: offline window recompute, torch eager"}
 CUDA_ROWS = {"onnxruntime CUDA step", "TorchScript CUDA step", "onnxruntime CUDA step, batch 2"}
 
@@ -48,7 +61,8 @@ def test_json_lists_every_row_with_finite_percentiles(tiny_run: tuple[Path, dict
     assert CUDA_ROWS <= names | skipped  # each CUDA row either ran or says why not
     assert all(s["reason"] for s in saved["skipped"])
     for row in saved["rows"]:
-        want = TINY["baseline_steps"] if row["row"] in NAIVE_ROWS else TINY["steps"]
+        want = (TINY["baseline_steps"] if row["row"] in NAIVE_ROWS
+                else TINY["paced_steps"] if row["row"] in (PACED, INT8_PACED) else TINY["steps"])
         assert row["steps"] == want, row["row"]
         for series in ("latency_ms", "cpu_ms"):
             values = [row[series][k] for k in LATENCY_KEYS]
@@ -68,14 +82,27 @@ def test_step_rows_decode_like_torch_eager(tiny_run: tuple[Path, dict[str, Any]]
     _, result = tiny_run
     five = "onnxruntime CPU step, 1 thread, 5 tokens per bin"  # another model: no parity against eager
     diffs = {r["row"]: r["max_abs_diff_vs_eager"] for r in result["rows"]
-             if r["graph"] == "step" and r["batch"] == 1 and r["row"] not in (five, INT8)}
-    assert set(diffs) >= {PRIMARY, "TorchScript CPU step", "torch eager step"}
+             if r["graph"] == "step" and r["batch"] == 1 and r["row"] not in (five, INT8, INT8_PACED)}
+    assert set(diffs) >= {PRIMARY, PACED, "TorchScript CPU step", "torch eager step"}
     assert all(d is not None and d < 1e-4 for d in diffs.values()), diffs
     assert next(r for r in result["rows"] if r["row"] == five)["max_abs_diff_vs_eager"] is None
     int8 = next(r for r in result["rows"] if r["row"] == INT8)  # quantized: compared with float32 instead
     assert int8["max_abs_diff_vs_eager"] is None
     assert 0 < int8["max_abs_diff_vs_float32"] == result["targets"]["int8_max_abs_diff_vs_float32"] < 0.5
     assert all(r["max_abs_diff_vs_float32"] is None for r in result["rows"] if r["row"] != INT8)
+
+
+def test_paced_rows_call_once_per_tick() -> None:
+    calls: list[float] = []
+    row = _Row("paced", "fake", "step", "cpu", 1, 1, 5, lambda x: calls.append(time.perf_counter()),
+               pace_s=0.01)
+    _run(row, np.zeros((8, 3), np.float32), 5, timed=True)
+    gaps = np.diff(calls)  # (4,) s between calls
+    assert len(row.wall_ns) == 5 and gaps.min() >= 0.009, gaps
+    back_to_back: list[float] = []
+    row = _Row("free", "fake", "step", "cpu", 1, 1, 5, lambda x: back_to_back.append(time.perf_counter()))
+    _run(row, np.zeros((8, 3), np.float32), 5, timed=True)
+    assert np.diff(back_to_back).max() < 0.009
 
 
 def test_png_is_written(tiny_run: tuple[Path, dict[str, Any]]) -> None:
@@ -94,7 +121,8 @@ def test_spike_counts_have_the_asked_rate() -> None:
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(baseline_steps=0), dict(rounds=0), dict(warmup=-1),
                                  dict(context=1), dict(rate_hz=float("nan")), dict(rate_hz=0.0),
                                  dict(n_units=0), dict(cpu_batch=-1), dict(cuda_batches=(0,)),
-                                 dict(steps=3, rounds=4)])
+                                 dict(steps=3, rounds=4), dict(paced_steps=-1), dict(paced_steps=1),
+                                 dict(pace_s=0.0)])
 def test_bad_configs_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="bench inference"):
         InferenceBenchConfig(**(TINY | bad))

@@ -13,7 +13,7 @@ import pytest
 
 from neds_rt import wire
 from neds_rt.decode_log import read_decode_log
-from neds_rt.errors import StreamError
+from neds_rt.errors import NedsRtError, StreamError
 from neds_rt.lsl_streams import StreamUnits
 from neds_rt.outlets import LSLSpikeOutlet, ZMQSpikePublisher
 from neds_rt.serve import ServeConfig, Server
@@ -79,6 +79,12 @@ def _check_against_offline(model: Path, cfg: ServeConfig, times: np.ndarray, uni
     counts = bin_events(kt, ku, t0, first, len(log.bins), 8)
     np.testing.assert_allclose(log.values, offline_decodes(model, counts), atol=1e-5, rtol=0)
     return log.flags, counts
+
+
+@pytest.mark.parametrize("period", [-0.001, 1.0, float("nan")])
+def test_io_period_outside_zero_to_the_stall_timeout_is_refused(model: Path, period: float) -> None:
+    with pytest.raises(NedsRtError, match="io_period_s"):
+        Server(ServeConfig(model, io_period_s=period, stall_s=1.0))
 
 
 def test_stream_whose_units_differ_from_the_model_is_refused_at_start(model: Path) -> None:

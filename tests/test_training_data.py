@@ -438,4 +438,7 @@ def test_load_arrays_from_a_real_one_cache(tmp_path: Path) -> None:
     assert len(list((tmp_path / "arrays").glob("*.npz"))) == 1
     loaded = load_session(open_one(tmp_path / "one"), session.eid, probe="probe00")
     _assert_same(first, build_arrays(loaded))
+    beside = load_arrays(tmp_path / "one", session.eid, "probe00", DataConfig())  # default: inside the cache
+    _assert_same(first, beside)
+    assert len(list((tmp_path / "one" / "neds_rt_arrays").glob("*.npz"))) == 1
     np.testing.assert_array_equal(first[0].spikes, build_trial_arrays(session).spikes)

@@ -57,6 +57,9 @@ def cache_key(eid: str, probe: str | None, cfg: DataConfig, datasets: list[list[
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+ARRAY_CACHE_DIR = "neds_rt_arrays"  # default home of binned arrays, inside the ONE cache they come from
+
+
 def cache_path(cache_root: Path, eid: str, probe: str | None, key: str) -> Path:
     return Path(cache_root) / f"{eid}_{probe or 'probe'}_{key[:16]}.npz"
 
@@ -127,12 +130,13 @@ def load_arrays(
     eid: str,
     probe: str | None = None,
     cfg: DataConfig | None = None,
-    cache_root: Path | str = Path("array_cache"),
+    cache_root: Path | str | None = None,
 ) -> tuple[TrialArrays, ContinuousArrays]:
     """The session's (TrialArrays, ContinuousArrays), from ``cache_root`` when cached, else built and cached.
 
     ``one_or_cache_dir`` is a ONE instance or the folder of a ONE cache. ``probe=None`` is the loader's
-    default probe; the cache file records the probe the loader picked.
+    default probe; the cache file records the probe the loader picked. ``cache_root=None`` keeps the arrays
+    beside the data, in ``<ONE cache>/neds_rt_arrays``.
     """
     from streams.load import load_session, open_one
 
@@ -141,7 +145,8 @@ def load_arrays(
     one = open_one(Path(one_or_cache_dir)) if isinstance(one_or_cache_dir, str | Path) else one_or_cache_dir
     eid = str(eid)
     key = cache_key(eid, probe, cfg, _dataset_fingerprint(one, eid, probe))
-    path = cache_path(Path(cache_root), eid, probe, key)
+    root = Path(one.cache_dir) / ARRAY_CACHE_DIR if cache_root is None else Path(cache_root)
+    path = cache_path(root, eid, probe, key)
     if path.exists():
         log.info("session %s/%s: arrays from cache %s", eid, probe, path)
         return read_arrays(path)

@@ -485,12 +485,13 @@ def _train(
 def load_run_arrays(
     data_dir: Path | str,
     sessions: Sequence[str] | None = None,
-    cache_root: Path | str = Path("array_cache"),
+    cache_root: Path | str | None = None,
     mode: str = "offline",
     seed: int = 0,
 ) -> dict[str, TrialArrays]:
     """Training arrays of ``sessions`` (all of the cache when None) from a ONE cache, through the array
-    cache: trial-aligned windows for ``offline``, continuous windows cut anywhere for ``streaming``."""
+    cache (``cache_root``, by default inside the ONE cache): trial-aligned windows for ``offline``,
+    continuous windows cut anywhere for ``streaming``."""
     from streams.load import open_one
     from training.cache import load_arrays
 
@@ -508,9 +509,9 @@ def load_run_arrays(
     if mode == "streaming":
         from training.windows import build_window_arrays
 
-        return {eid: build_window_arrays(load_arrays(one, eid, cache_root=Path(cache_root))[1], seed=seed)
+        return {eid: build_window_arrays(load_arrays(one, eid, cache_root=cache_root)[1], seed=seed)
                 for eid in wanted}
-    return {eid: load_arrays(one, eid, cache_root=Path(cache_root))[0] for eid in wanted}
+    return {eid: load_arrays(one, eid, cache_root=cache_root)[0] for eid in wanted}
 
 
 def describe_model(model: NEDS) -> str:
