@@ -6,8 +6,9 @@ the new bin. The streaming default fuses a bin's five modalities into one token 
 K = 1): the sum of the spike token and the four behaviour tokens. At run time the behaviour is unknown, so
 the behaviour parts are the learned mask tokens (the decoding mask of training), and every head reads the
 bin's one final state. Fusing makes a step five times cheaper in the projections and MLPs and shortens the
-key/value ring five times against the paper's one token per modality (K = 5, still supported), which keeps a
-5-layer, 256-wide step inside the 1 ms budget on one CPU core.
+key/value ring five times against the paper's one token per modality (K = 5, still supported): a 5-layer,
+256-wide step takes 1.46 ms (p50) instead of 3.43 ms on one core of the 2-core dev VM (``neds-rt bench
+inference``).
 
 State. Per layer, the keys and values of the last ``C - 1`` bins live in a ring the caller owns
 (``(L, B, H, (C-1)*K, Dh)``). Keys are stored already rotated by their absolute bin index, with angles
