@@ -183,18 +183,11 @@ def _ort_options(threads: int, spinning: bool) -> Any:
 
 
 def _ort_step_row(name: str, path: Path, cfg: InferenceBenchConfig, threads: int, batch: int = 1,
-                  device: str = "cpu", spinning: bool | None = None, note: str = "",
+                  device: str = "cpu", spinning: bool = False, note: str = "",
                   paced: bool = False) -> _Row:
-    from neds_rt.engine import OnnxStepEngine, open_engine
+    from neds_rt.engine import OnnxStepEngine
 
-    eng = open_engine(path, "onnx", device=device, threads=threads, batch=batch)
-    assert isinstance(eng, OnnxStepEngine)
-    if spinning is not None:
-        # bench-only: the same session as the engine's, with the pool threads' spinning set explicitly
-        import onnxruntime as ort
-
-        eng._sess = ort.InferenceSession(str(path), sess_options=_ort_options(threads, spinning),
-                                         providers=eng.providers)
+    eng = OnnxStepEngine(path, device=device, threads=threads, batch=batch, spinning=spinning)
     if device == "cuda" and eng.providers[0] != "CUDAExecutionProvider":
         raise RuntimeError(f"onnxruntime fell back to {eng.providers} for {path}")
     if paced:
