@@ -7,8 +7,7 @@ K = 1): the sum of the spike token and the four behaviour tokens. At run time th
 the behaviour parts are the learned mask tokens (the decoding mask of training), and every head reads the
 bin's one final state. Fusing makes a step five times cheaper in the projections and MLPs and shortens the
 key/value ring five times against the paper's one token per modality (K = 5, still supported): a 5-layer,
-256-wide step takes 1.46 ms (p50) instead of 3.43 ms on one core of the 2-core dev VM (``neds-rt bench
-inference``).
+256-wide step is ~2.4x faster on one CPU core (``neds-rt bench inference`` times both layouts).
 
 State. Per layer, the keys and values of the last ``C - 1`` bins live in a ring the caller owns
 (``(L, B, H, (C-1)*K, Dh)``). Keys are stored already rotated by their absolute bin index, with angles
