@@ -206,11 +206,19 @@ def test_export_tiny_helper_writes_a_loadable_file(tmp_path: Path) -> None:
 
 
 def test_int8_export_quantizes_weights_and_stays_close_to_float32(model, files: dict[str, Path],  # type: ignore[no-untyped-def]
-                                                                  tmp_path: Path) -> None:
+                                                                  tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
     import onnx
 
     path = tmp_path / "int8.onnx"
-    meta = export_model(model, model.eids[0], path, graph="step", context=CONTEXT, quantize="int8")
+    with caplog.at_level(logging.INFO):
+        meta = export_model(model, model.eids[0], path, graph="step", context=CONTEXT, quantize="int8")
+    chatter = [r for r in caplog.records if "onnxruntime" in r.pathname and r.levelno < logging.WARNING]
+    assert not chatter  # the quantizer's per-tensor INFO lines are dropped (its warnings pass)
+    assert any("exported onnx step graph" in r.getMessage() for r in caplog.records)  # ours is not
+    assert logging.getLogger().filters == []  # and the filter is gone afterwards
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops and "quantization" in meta.extra
     q, f = open_engine(path), open_engine(files["onnx-step"])

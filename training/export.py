@@ -175,6 +175,13 @@ INT8_SCHEME: Final = {"weights": "int8, symmetric, one scale per output channel 
                       "ops": "MatMul", "tool": "onnxruntime.quantization.quantize_dynamic"}
 
 
+class _QuietQuantizer(logging.Filter):
+    """Drops onnxruntime.quantization's INFO chatter (warnings and errors pass)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "onnxruntime" not in record.pathname
+
+
 def _export_onnx(module: nn.Module, args: tuple[Tensor, ...], out: Path, names_in: list[str],
                  names_out: list[str], axes: dict[str, dict[int, str]], meta: ModelMeta,
                  quantize: str = "none") -> None:
@@ -187,8 +194,14 @@ def _export_onnx(module: nn.Module, args: tuple[Tensor, ...], out: Path, names_i
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         fp32, tmp = tmp, out.with_suffix(out.suffix + ".int8.tmp")
-        quantize_dynamic(fp32, tmp, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
-                         weight_type=QuantType.QInt8)
+        quiet = _QuietQuantizer()
+        root = logging.getLogger()
+        root.addFilter(quiet)  # the quantizer logs a line per tensor at INFO on the root logger
+        try:
+            quantize_dynamic(fp32, tmp, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
+                             weight_type=QuantType.QInt8)
+        finally:
+            root.removeFilter(quiet)
         fp32.unlink()
     proto = onnx.load(str(tmp))
     del proto.metadata_props[:]
