@@ -176,12 +176,6 @@ def _cuda_status() -> tuple[bool, str]:
 
 
 # ---- rows -------------------------------------------------------------------------------------------------
-def _ort_options(threads: int, spinning: bool) -> Any:
-    from neds_rt.engine import ort_session_options
-
-    return ort_session_options(threads, spinning=spinning)
-
-
 def _ort_step_row(name: str, path: Path, cfg: InferenceBenchConfig, threads: int, batch: int = 1,
                   device: str = "cpu", spinning: bool = False, note: str = "",
                   paced: bool = False) -> _Row:
@@ -190,10 +184,8 @@ def _ort_step_row(name: str, path: Path, cfg: InferenceBenchConfig, threads: int
     eng = OnnxStepEngine(path, device=device, threads=threads, batch=batch, spinning=spinning)
     if device == "cuda" and eng.providers[0] != "CUDAExecutionProvider":
         raise RuntimeError(f"onnxruntime fell back to {eng.providers} for {path}")
-    if paced:
-        return _Row(name, "onnxruntime", "step", device, threads, batch, cfg.paced_steps, eng.step, note,
-                    pace_s=cfg.pace_s)
-    return _Row(name, "onnxruntime", "step", device, threads, batch, cfg.steps, eng.step, note)
+    steps, pace_s = (cfg.paced_steps, cfg.pace_s) if paced else (cfg.steps, 0.0)
+    return _Row(name, "onnxruntime", "step", device, threads, batch, steps, eng.step, note, pace_s=pace_s)
 
 
 def _torchscript_row(name: str, path: Path, cfg: InferenceBenchConfig, device: str = "cpu",
@@ -225,7 +217,9 @@ def _eager_step_row(model: Any, cfg: InferenceBenchConfig) -> _Row:
 def _naive_ort_row(name: str, path: Path, cfg: InferenceBenchConfig, threads: int) -> _Row:
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), sess_options=_ort_options(threads, False),
+    from neds_rt.engine import ort_session_options
+
+    sess = ort.InferenceSession(str(path), sess_options=ort_session_options(threads),
                                 providers=["CPUExecutionProvider"])
     window = np.zeros((1, cfg.context, cfg.n_units), dtype=np.float32)  # (1, C, N) the last C bins
 

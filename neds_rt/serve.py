@@ -384,14 +384,13 @@ class Server:
         local clock (one wake-up per bin, not one per batch); before the grid starts, and on the stream
         clock, where data moves the deadlines, the first batch to arrive wakes the loop."""
         timeout = 0.1
-        on_grid = self._src is not None and self.clock.mode == "local"
-        if on_grid:
-            deadline = self._src.bin_end(self._src.next_bin) + self.grace  # type: ignore[union-attr]
-            timeout = min(timeout, deadline - host_now())
+        on_grid = self._src if self.clock.mode == "local" else None  # local deadlines, once the grid exists
+        if on_grid is not None:
+            timeout = min(timeout, on_grid.bin_end(on_grid.next_bin) + self.grace - host_now())
         timeout = min(timeout, end_at - host_now())
         if timeout <= 0:
             return
-        if on_grid:
+        if on_grid is not None:
             self._stop.wait(timeout)
             return
         try:
