@@ -11,10 +11,12 @@ Poisson spike counts (log-normal rates with a 7 Hz mean, 20 ms bins), one call p
 - the naive baseline: the offline model recomputing its whole ``context``-bin window every tick (onnxruntime,
   and torch eager unless disabled);
 - a batched CPU row (``cpu_batch`` streams per call), and where CUDA exists, CUDA rows at B = 1 and batched;
-- paced rows: the 1-thread float32 and int8 steps called once per 20 ms bin, as serve calls them. Between
-  calls the core idles or runs other work, and the next call starts with cold caches: on the 2-core VM this
-  roughly doubles the int8 step (the figure to expect inside ``neds-rt serve``), where back-to-back calls
-  measure the kernels alone.
+- quantized rows: the same step exported with int8 weights and with int4 weights (``neds-rt export
+  --quantize``); their decodes are compared with float32's instead of eager's;
+- paced rows: the 1-thread float32, int8 and int4 steps called once per 20 ms bin, as serve calls them.
+  Between calls the core idles or runs other work, and the next call starts with cold caches: on the 2-core
+  VM this roughly doubles the quantized steps (the figure to expect inside ``neds-rt serve``), where
+  back-to-back calls measure the kernels alone.
 
 Latency is wall time around one engine call (input checks, ring update and copies included, as served),
 after a warm-up that fills the key/value ring. Rows run interleaved in ``rounds`` chunks so that a shared,
@@ -49,6 +51,9 @@ PRIMARY: Final = "onnxruntime CPU step, 1 thread"
 INT8: Final = "onnxruntime CPU step, 1 thread, int8 weights"
 PACED: Final = "onnxruntime CPU step, 1 thread, paced"
 INT8_PACED: Final = "onnxruntime CPU step, 1 thread, int8 weights, paced"
+INT4: Final = "onnxruntime CPU step, 1 thread, int4 weights"
+INT4_PACED: Final = "onnxruntime CPU step, 1 thread, int4 weights, paced"
+QUANTIZED: Final = {INT8: "int8", INT4: "int4"}  # back-to-back quantized rows -> scheme (neds-rt export)
 
 
 @dataclass
@@ -309,17 +314,18 @@ def run_inference_bench(out: Path, cfg: InferenceBenchConfig | None = None) -> d
         offline_model = _model("offline", cfg)
         step_onnx, step_ts = models_dir / "step.onnx", models_dir / "step.pt"
         step_modality_onnx = models_dir / "step_5_tokens.onnx"
-        step_int8_onnx = models_dir / "step_int8.onnx"
+        step_int8_onnx, step_int4_onnx = models_dir / "step_int8.onnx", models_dir / "step_int4.onnx"
         window_onnx = models_dir / "window_offline.onnx"
         t = time.perf_counter()
         export_model(stream_model, EID, step_onnx, fmt="onnx", graph="step", context=cfg.context)
         export_model(per_modality_model, EID, step_modality_onnx, fmt="onnx", graph="step",
                      context=cfg.context)
-        export_model(stream_model, EID, step_int8_onnx, fmt="onnx", graph="step", context=cfg.context,
-                     quantize="int8")
+        for path, scheme in ((step_int8_onnx, "int8"), (step_int4_onnx, "int4")):
+            export_model(stream_model, EID, path, fmt="onnx", graph="step", context=cfg.context,
+                         quantize=scheme)
         export_model(stream_model, EID, step_ts, fmt="torchscript", graph="step", context=cfg.context)
         export_model(offline_model, EID, window_onnx, fmt="onnx", graph="window", context=cfg.context)
-        log.info("exported 5 graphs in %.1f s", time.perf_counter() - t)
+        log.info("exported 6 graphs in %.1f s", time.perf_counter() - t)
 
         cuda_ok, cuda_reason = _cuda_status()
         rows: list[_Row] = [
@@ -334,13 +340,18 @@ def run_inference_bench(out: Path, cfg: InferenceBenchConfig | None = None) -> d
                           threads=1, note="the paper's one token per modality, for information"),
             _ort_step_row(INT8, step_int8_onnx, cfg, threads=1,
                           note="int8 MatMul weights (neds-rt export --quantize int8); decodes differ"),
+            _ort_step_row(INT4, step_int4_onnx, cfg, threads=1,
+                          note="4-bit weights in blocks of 32 (neds-rt export --quantize int4); decodes "
+                               "differ"),
         ]
-        rows[-2].same_model = rows[-1].same_model = False
+        for row in rows[-3:]:
+            row.same_model = False
         if cfg.paced_steps:
             pace = f"one call per {cfg.pace_s * 1e3:g} ms, as served"
             rows.append(_ort_step_row(PACED, step_onnx, cfg, threads=1, note=pace, paced=True))
-            rows.append(_ort_step_row(INT8_PACED, step_int8_onnx, cfg, threads=1, note=pace, paced=True))
-            rows[-1].same_model = False
+            for name, path in ((INT8_PACED, step_int8_onnx), (INT4_PACED, step_int4_onnx)):
+                rows.append(_ort_step_row(name, path, cfg, threads=1, note=pace, paced=True))
+                rows[-1].same_model = False
         if cfg.cpu_batch > 0:
             rows.append(_ort_step_row(f"onnxruntime CPU step, batch {cfg.cpu_batch}", step_onnx, cfg,
                                       threads=1, batch=cfg.cpu_batch,
@@ -414,7 +425,7 @@ def _result(cfg: InferenceBenchConfig, rows: list[_Row], skipped: list[dict[str,
                 and r.last_warmup is not None):
             parity = float(np.abs(r.last_warmup - ref).max())  # same inputs from an empty state
         vs_fp32 = None
-        if r.name == INT8 and r.last_warmup is not None and fp32 is not None:
+        if r.name in QUANTIZED and r.last_warmup is not None and fp32 is not None:
             vs_fp32 = float(np.abs(r.last_warmup - fp32).max())  # quantization error, same inputs
         table.append({
             "row": r.name, "engine": r.engine, "graph": r.graph, "device": r.device, "threads": r.threads,
@@ -424,7 +435,7 @@ def _result(cfg: InferenceBenchConfig, rows: list[_Row], skipped: list[dict[str,
             "max_abs_diff_vs_eager": parity, "max_abs_diff_vs_float32": vs_fp32, "note": r.note,
         })
     primary = next(t for t in table if t["row"] == PRIMARY)
-    int8 = next(t for t in table if t["row"] == INT8)
+    quantized = {scheme: next(t for t in table if t["row"] == name) for name, scheme in QUANTIZED.items()}
     sizes = asdict(NEDSConfig(mode="streaming", dropout=0.0, n_bins=cfg.context, **cfg.sizes()))  # type: ignore[arg-type]
     return {
         "parameters": asdict(cfg) | {"bin_size_s": 0.02, "session": EID},
@@ -440,11 +451,13 @@ def _result(cfg: InferenceBenchConfig, rows: list[_Row], skipped: list[dict[str,
             "p99_met": primary["latency_ms"]["p99"] <= TARGET_P99_MS,
             "speedup_p50": primary["speedup_p50"], "target_speedup": TARGET_SPEEDUP,
             "speedup_met": primary["speedup_p50"] >= TARGET_SPEEDUP,
-            "int8_p99_ms": int8["latency_ms"]["p99"],
-            "int8_p99_met": int8["latency_ms"]["p99"] <= TARGET_P99_MS,
-            "int8_max_abs_diff_vs_float32": int8["max_abs_diff_vs_float32"],
+            **{key: value for scheme, row in quantized.items() for key, value in (
+                (f"{scheme}_p99_ms", row["latency_ms"]["p99"]),
+                (f"{scheme}_p99_met", row["latency_ms"]["p99"] <= TARGET_P99_MS),
+                (f"{scheme}_max_abs_diff_vs_float32", row["max_abs_diff_vs_float32"]))},
             **{f"{key}_p99_ms": next(t for t in table if t["row"] == name)["latency_ms"]["p99"]
-               for key, name in (("paced", PACED), ("int8_paced", INT8_PACED)) if cfg.paced_steps},
+               for key, name in (("paced", PACED), ("int8_paced", INT8_PACED), ("int4_paced", INT4_PACED))
+               if cfg.paced_steps},
         },
     }
 
@@ -478,13 +491,16 @@ def _print(result: dict[str, Any]) -> None:
     con.print(f"target ({t['row']}): p99 {t['p99_ms']:.3f} ms vs <= {t['target_p99_ms']} ms: "
               f"{'met' if t['p99_met'] else 'NOT met'}; {t['speedup_p50']:.1f}x the naive recompute at p50 "
               f"vs >= {t['target_speedup']:.0f}x: {'met' if t['speedup_met'] else 'NOT met'}", markup=False)
-    con.print(f"int8 weights ({INT8}): p99 {t['int8_p99_ms']:.3f} ms "
-              f"({'within' if t['int8_p99_met'] else 'over'} {t['target_p99_ms']} ms); decodes differ from "
-              f"float32 by up to {t['int8_max_abs_diff_vs_float32']:.2e} on the last warm-up step "
-              "(random weights: check a trained model's quality before serving int8)", markup=False)
+    for name, scheme in QUANTIZED.items():
+        within = "within" if t[f"{scheme}_p99_met"] else "over"
+        con.print(f"{scheme} weights ({name}): p99 {t[f'{scheme}_p99_ms']:.3f} ms ({within} "
+                  f"{t['target_p99_ms']} ms); decodes differ from float32 by up to "
+                  f"{t[f'{scheme}_max_abs_diff_vs_float32']:.2e} on the last warm-up step (random weights: "
+                  "bench quality scores a trained model's)", markup=False)
     if "paced_p99_ms" in t:
-        con.print(f"paced, one call per bin as served: float32 p99 {t['paced_p99_ms']:.3f} ms, int8 p99 "
-                  f"{t['int8_paced_p99_ms']:.3f} ms (cold caches after each idle gap)", markup=False)
+        con.print(f"paced, one call per bin as served: p99 float32 {t['paced_p99_ms']:.3f} ms, int8 "
+                  f"{t['int8_paced_p99_ms']:.3f} ms, int4 {t['int4_paced_p99_ms']:.3f} ms (cold caches after "
+                  "each idle gap)", markup=False)
     diffs = [r["max_abs_diff_vs_eager"] for r in result["rows"] if r["max_abs_diff_vs_eager"] is not None]
     m, load = result["machine"], result["load_average"]
     con.print(f"step rows agree with torch eager within {max(diffs):.2e} after the warm-up; "

@@ -110,7 +110,10 @@ class _Client:
     def _pull_decodes(self, inlet: Any) -> None:
         clock = self._lsl.local_clock
         while not self._stop.is_set():
-            sample, ts = inlet.pull_sample(timeout=0.2)
+            try:
+                sample, ts = inlet.pull_sample(timeout=0.2)
+            except self._lost:  # serve closed its outlet (it ended, or failed: the run reports its exit code)
+                return
             if ts is not None:
                 self.decodes.append((ts, clock(), list(sample)))
 

@@ -71,6 +71,7 @@ class QualityConfig:
     plot_neurons: int = 4
     streaming: bool = True  # also train and score a streaming (causal) NEDS per held-out session (issue 5)
     int8: bool = True  # also score the streaming NEDS exported with int8 weights, run by the step engine
+    int4: bool = True  # ... and with 4-bit block-quantized weights
 
     def __post_init__(self) -> None:
         for name in ("n_pretrain", "n_heldout", "epochs", "pretrain_epochs", "finetune_epochs", "batch_size",

@@ -282,12 +282,16 @@ def markdown(report: Mapping[str, Any]) -> str:
             out += [f"Training budget: {info['budget']}.", ""]
         out += [*gap, ""]
         for eid, det in (info.get("sessions") or {}).items():
-            q = det.get("int8")
-            if q:
+            for scheme in ("int8", "int4"):
+                q = det.get(scheme)
+                if not q:
+                    continue
                 worst = max(q["max_abs_diff_over_std"])
-                out += [f"int8 weights (`neds_streaming_int8`), session {eid}: largest decode difference "
-                        f"from float32 {worst:.2f} standard deviations of that decode channel (per channel: "
-                        + ", ".join(f"{v:.2g}" for v in q["max_abs_diff_over_std"]) + ").", ""]
+                r2 = q.get("r2_vs_float32")
+                out += [f"{scheme} weights (`neds_streaming_{scheme}`), session {eid}: largest decode "
+                        f"difference from float32 {worst:.2f} standard deviations of that decode channel "
+                        "(per channel: " + ", ".join(f"{v:.2g}" for v in q["max_abs_diff_over_std"]) + ")"
+                        + (f"; R2 against the float32 decodes >= {min(r2):.4f}" if r2 else "") + ".", ""]
     if report.get("fraction_of_ceiling_mean"):
         out += ["## Fraction of the oracle ceiling (mean over sessions; 0 = chance, 1 = ceiling)", ""]
         out += [*table(report["fraction_of_ceiling_mean"], models), ""]

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MODEL: Final = "neds_streaming"
 INT8_MODEL: Final = "neds_streaming_int8"  # the same model exported with int8 weights, run by the step engine
+INT4_MODEL: Final = "neds_streaming_int4"  # ... with 4-bit block-quantized weights
+QUANTIZED_MODELS: Final = {"int8": INT8_MODEL, "int4": INT4_MODEL}  # neds-rt export --quantize -> model row
 OFFLINE: Final = "neds_single"  # the offline NEDS with the same data and budget
 RULE: Final = ("wheel/whisker R2 over the 100 bins of each TEST trial window (stimOn -0.5..+1.5 s) from "
                "causal per-bin decodes; choice/block: per-bin probabilities averaged over the trial window, "
@@ -154,22 +156,27 @@ def score_streaming(model: NEDS, arr: TrialArrays, cont: ContinuousArrays, rows:
     return scores, {"decodes": decodes, "grid_offset_s": offset, "padded_bins": padded}
 
 
-def score_int8(model: NEDS, arr: TrialArrays, cont: ContinuousArrays, rows: np.ndarray, fp32: np.ndarray,
-               path: Path) -> tuple[dict[str, float | None], dict[str, Any]]:
-    """Export ``model`` with int8 weights to ``path`` (``neds-rt export --quantize int8``), decode the trial
-    windows ``rows`` with the step engine, score them like :func:`score_streaming`, and compare the decodes
-    with the float32 ones ``fp32`` (K, T, 6); details hold the int8 ``decodes`` (K, T, 6)."""
+def score_quantized(model: NEDS, arr: TrialArrays, cont: ContinuousArrays, rows: np.ndarray, fp32: np.ndarray,
+                    path: Path, scheme: str) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """Export ``model`` quantized with ``scheme`` to ``path`` (``neds-rt export --quantize SCHEME``), decode
+    the trial windows ``rows`` with the step engine, score them like :func:`score_streaming`, and compare
+    the decodes with the float32 ones ``fp32`` (K, T, 6); details hold the quantized ``decodes`` (K, T, 6)
+    and, per decode channel, the largest difference (absolute and in standard deviations of the float32
+    channel) and the R2 of the quantized decodes against the float32 ones."""
     from training.export import export_model
 
     c = model.cfg.n_bins
-    export_model(model, arr.eid, path, graph="step", context=c, quantize="int8")
+    export_model(model, arr.eid, path, graph="step", context=c, quantize=scheme)
     starts, _ = trial_start_bins(arr, cont, rows)
     decodes = engine_decodes(path, cont.spikes, starts, arr.n_bins, receptive_bins(model, c))
     scores = neds_metrics(streaming_predictions(decodes, arr), arr, rows, tasks=("decoding",))
     diff = np.abs(decodes - fp32).reshape(-1, 6).max(axis=0)  # (6,) per decode channel
     spread = fp32.reshape(-1, 6).std(axis=0)  # (6,)
+    residual = ((decodes - fp32) ** 2).reshape(-1, 6).sum(axis=0)  # (6,)
+    total = ((fp32 - fp32.reshape(-1, 6).mean(axis=0)) ** 2).reshape(-1, 6).sum(axis=0)  # (6,)
     return scores, {"max_abs_diff_vs_float32": diff.tolist(),
-                    "max_abs_diff_over_std": (diff / np.maximum(spread, 1e-12)).tolist(), "decodes": decodes}
+                    "max_abs_diff_over_std": (diff / np.maximum(spread, 1e-12)).tolist(),
+                    "r2_vs_float32": (1.0 - residual / np.maximum(total, 1e-24)).tolist(), "decodes": decodes}
 
 
 # ---- training -------------------------------------------------------------------------------------------
@@ -219,7 +226,8 @@ def add_streaming(report: dict[str, Any], data: Path, out: Path, cfg: QualityCon
 
     one = open_one(Path(data))
     rows: dict[str, dict[str, float | None]] = {}
-    int8_rows: dict[str, dict[str, float | None]] = {}
+    schemes = [s for s in QUANTIZED_MODELS if getattr(cfg, s)]
+    quant_rows: dict[str, dict[str, dict[str, float | None]]] = {s: {} for s in schemes}
     details: dict[str, Any] = {}
     for eid in report["heldout_sessions"]:
         t0 = time.perf_counter()
@@ -232,19 +240,21 @@ def add_streaming(report: dict[str, Any], data: Path, out: Path, cfg: QualityCon
                         "grid_offset_max_s": extra["grid_offset_s"], "padded_bins": extra["padded_bins"]}
         report["timing"][f"{MODEL}_{eid}_s"] = time.perf_counter() - t0
         log.info("session %s: streaming NEDS scored on %s TEST trials", eid, test.size)
-        if cfg.int8:
+        for scheme in schemes:
             t0 = time.perf_counter()
-            int8_rows[eid], q = score_int8(model, arr, cont, test, extra["decodes"],
-                                           out / "models" / eid / f"{INT8_MODEL}.onnx")
-            details[eid]["int8"] = {k: v for k, v in q.items() if k != "decodes"}
-            report["timing"][f"{INT8_MODEL}_{eid}_s"] = time.perf_counter() - t0
+            name = QUANTIZED_MODELS[scheme]
+            quant_rows[scheme][eid], q = score_quantized(model, arr, cont, test, extra["decodes"],
+                                                         out / "models" / eid / f"{name}.onnx", scheme)
+            details[eid][scheme] = {k: v for k, v in q.items() if k != "decodes"}
+            report["timing"][f"{name}_{eid}_s"] = time.perf_counter() - t0
     budget = (f"as many optimiser steps of {cfg.batch_size} continuous windows (a trial window long) as "
               f"{OFFLINE} takes of {cfg.batch_size} TRAIN trials ({cfg.epochs} epochs); no window touches a "
               "TEST trial window")
     meta = {"model": MODEL, "offline": OFFLINE, "rule": RULE, "budget": budget, "sessions": details}
     report = add_streaming_rows(report, rows, model=MODEL, info=meta)
-    if int8_rows:
-        report = add_model_rows(report, INT8_MODEL, int8_rows, note=(
-            "the streaming NEDS exported with int8 MatMul weights (neds-rt export --quantize int8) and run "
-            "by the onnxruntime step engine over the same stretches"))
+    weights = {"int8": "int8 MatMul weights", "int4": "4-bit MatMul weights in blocks of 32"}
+    for scheme, by_session in quant_rows.items():
+        report = add_model_rows(report, QUANTIZED_MODELS[scheme], by_session, note=(
+            f"the streaming NEDS exported with {weights[scheme]} (neds-rt export --quantize {scheme}) and "
+            "run by the onnxruntime step engine over the same stretches"))
     return report

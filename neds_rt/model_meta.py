@@ -47,6 +47,13 @@ class ModelMeta:
     def n_units(self) -> int:
         return len(self.unit_ids)
 
+    @property
+    def weights(self) -> str:
+        """``float32``, or the quantization scheme of the weights (``int8`` / ``int4``; ``int8`` for files
+        written before the scheme was named in ``extra["quantization"]``)."""
+        quantization = self.extra.get("quantization")
+        return str(quantization.get("scheme", "int8")) if quantization else "float32"
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 

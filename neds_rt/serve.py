@@ -28,8 +28,9 @@ Problems are counted (see :class:`neds_rt.telemetry.Summary` ``counts``) and nev
   decode log's flags also cover the publish stage) and is logged with the stage.
 
 Real-time habits: preallocated rows and rings, numba JIT and model warm-up before the first bin (then the
-engine is reset, and before the inlet opens), ``gc.freeze()`` + ``gc.disable()`` while serving, and a 0.2 ms
-GIL switch interval so the bin loop takes the GIL back from the I/O thread quickly (all restored on exit).
+engine is reset, and before the inlet opens), the process's large memory then moved onto 2 MiB pages
+(:mod:`neds_rt.hugepages`), ``gc.freeze()`` + ``gc.disable()`` while serving, and a 0.2 ms GIL switch
+interval so the bin loop takes the GIL back from the I/O thread quickly (all restored on exit).
 On close, the LSL outlet lingers 0.2 s so the last decodes reach connected consumers.
 """
 
@@ -53,6 +54,7 @@ from neds_rt import wire
 from neds_rt.binning import RejectedEvents, RingBinner
 from neds_rt.clock import StreamClock, grid_origin, host_now
 from neds_rt.errors import StreamError, invalid
+from neds_rt.hugepages import use_huge_pages
 from neds_rt.inlets import CountsBatch, Gap, SpikeBatch, match_units
 from neds_rt.realtime import SERVE_PRIORITY, enter_realtime
 from neds_rt.telemetry import Summary, Telemetry, stage_budgets
@@ -96,6 +98,7 @@ class ServeConfig:
     keep_rejected: int = 10_000  # rejected-event batches kept in Server.rejected
     realtime: bool = False  # the whole process at SCHED_FIFO (neds_rt.realtime), set before any thread starts
     cpus: tuple[int, ...] | None = None  # pin the process (all its threads) to these CPUs
+    huge_pages: bool = True  # after warm-up, back large memory with 2 MiB pages (neds_rt.hugepages)
 
 
 class _CountsRing:
@@ -252,7 +255,7 @@ class Server:
         elif not identity:
             log.info("stream units are in another order than the model's; remapping columns")
         log.info("serving %s (%s%s, %s units, context %s bins) on %s stream %r, grace %.1f ms, clock %s",
-                 cfg.model, cfg.engine, ", int8 weights" if "quantization" in meta.extra else "",
+                 cfg.model, cfg.engine, f", {meta.weights} weights" if meta.weights != "float32" else "",
                  self.n_units, meta.context, self.kind, cfg.stream, grace_ms, cfg.clock)
 
     def _open_inlet(self) -> tuple[Any, str]:
@@ -341,6 +344,8 @@ class Server:
             sys.setswitchinterval(_SWITCH_INTERVAL_S)
             self._wait_for_clients()
             gc.collect()
+            if cfg.huge_pages:  # after every allocation of warm-up and open(): weights, rings, buffers
+                use_huge_pages()
             gc.freeze()
             gc.disable()
             self._io_thread = threading.Thread(target=self._io_loop, name="serve-io", daemon=True)

@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from bench.inference import (
     BASELINE,
-    INT8,
+    INT4_PACED,
     INT8_PACED,
     PACED,
     PRIMARY,
+    QUANTIZED,
     InferenceBenchConfig,
     _Row,
     _run,
@@ -39,7 +40,7 @@ TINY: dict[str, Any] = dict(steps=24, warmup=4, baseline_steps=4, rounds=2, n_un
 
 STEP_ROWS = {PRIMARY, "onnxruntime CPU step, 2 threads", "onnxruntime CPU step, 2 threads, spinning",
              "TorchScript CPU step", "torch eager step", "onnxruntime CPU step, batch 3",
-             "onnxruntime CPU step, 1 thread, 5 tokens per bin", INT8, PACED, INT8_PACED}
+             "onnxruntime CPU step, 1 thread, 5 tokens per bin", *QUANTIZED, PACED, INT8_PACED, INT4_PACED}
 NAIVE_ROWS = {BASELINE, "naive: offline window recompute, torch eager"}
 CUDA_ROWS = {"onnxruntime CUDA step", "TorchScript CUDA step", "onnxruntime CUDA step, batch 2"}
 
@@ -62,7 +63,7 @@ def test_json_lists_every_row_with_finite_percentiles(tiny_run: tuple[Path, dict
     assert all(s["reason"] for s in saved["skipped"])
     for row in saved["rows"]:
         want = (TINY["baseline_steps"] if row["row"] in NAIVE_ROWS
-                else TINY["paced_steps"] if row["row"] in (PACED, INT8_PACED) else TINY["steps"])
+                else TINY["paced_steps"] if row["row"] in (PACED, INT8_PACED, INT4_PACED) else TINY["steps"])
         assert row["steps"] == want, row["row"]
         for series in ("latency_ms", "cpu_ms"):
             values = [row[series][k] for k in LATENCY_KEYS]
@@ -82,14 +83,17 @@ def test_step_rows_decode_like_torch_eager(tiny_run: tuple[Path, dict[str, Any]]
     _, result = tiny_run
     five = "onnxruntime CPU step, 1 thread, 5 tokens per bin"  # another model: no parity against eager
     diffs = {r["row"]: r["max_abs_diff_vs_eager"] for r in result["rows"]
-             if r["graph"] == "step" and r["batch"] == 1 and r["row"] not in (five, INT8, INT8_PACED)}
+             if r["graph"] == "step" and r["batch"] == 1
+             and r["row"] not in (five, *QUANTIZED, INT8_PACED, INT4_PACED)}
     assert set(diffs) >= {PRIMARY, PACED, "TorchScript CPU step", "torch eager step"}
     assert all(d is not None and d < 1e-4 for d in diffs.values()), diffs
     assert next(r for r in result["rows"] if r["row"] == five)["max_abs_diff_vs_eager"] is None
-    int8 = next(r for r in result["rows"] if r["row"] == INT8)  # quantized: compared with float32 instead
-    assert int8["max_abs_diff_vs_eager"] is None
-    assert 0 < int8["max_abs_diff_vs_float32"] == result["targets"]["int8_max_abs_diff_vs_float32"] < 0.5
-    assert all(r["max_abs_diff_vs_float32"] is None for r in result["rows"] if r["row"] != INT8)
+    for name, scheme in QUANTIZED.items():  # quantized: compared with float32 instead
+        row = next(r for r in result["rows"] if r["row"] == name)
+        assert row["max_abs_diff_vs_eager"] is None
+        diff = row["max_abs_diff_vs_float32"]
+        assert 0 < diff == result["targets"][f"{scheme}_max_abs_diff_vs_float32"] < 0.5
+    assert all(r["max_abs_diff_vs_float32"] is None for r in result["rows"] if r["row"] not in QUANTIZED)
 
 
 def test_paced_rows_call_once_per_tick() -> None:

@@ -66,3 +66,35 @@ def test_short_run_writes_a_complete_result(cache_and_model: tuple[Path, str, Pa
     assert math.isfinite(q["max_abs_decode_difference"])  # against all spikes: late ones make it differ
     assert (tmp_path / "out" / "latency.png").stat().st_size > 10_000
     assert result["runs"][0]["counts"] == c
+
+
+@pytest.mark.timeout(60)
+def test_client_stops_quietly_when_serve_closes_its_outlet() -> None:
+    import threading
+    import time
+    import uuid
+
+    from bench.latency import _Client
+    from neds_rt.lsl_scope import pylsl
+
+    lsl = pylsl()
+    name = f"test-decodes-{uuid.uuid4().hex[:12]}"
+    outlet = lsl.StreamOutlet(lsl.StreamInfo(name, "Behavior", 2, 50.0, "float32", name))
+    errors: list[BaseException] = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)  # type: ignore[assignment,misc]
+    try:
+        client = _Client(name, "no-replay")
+        client.start(timeout=10.0)
+        deadline = time.monotonic() + 10.0
+        while not client.decodes and time.monotonic() < deadline:
+            outlet.push_sample([1.0, 2.0])
+            time.sleep(0.05)
+        assert client.decodes and client.decodes[0][2] == [1.0, 2.0]
+        del outlet  # serve ended (or crashed): the decode stream is lost
+        thread = client._threads[0]
+        thread.join(timeout=30.0)
+        assert not thread.is_alive()  # the pull loop ended on the lost stream ...
+        assert errors == []  # ... without an exception escaping the thread
+    finally:
+        threading.excepthook = hook

@@ -200,12 +200,17 @@ def test_streaming_decodes_equal_a_causal_run_over_the_whole_session() -> None:
         np.testing.assert_allclose(dec[k], full[0, s:s + 100].numpy(), atol=1e-4)
 
 
-def test_engine_decodes_equal_the_torch_causal_decodes_and_int8_is_scored(tmp_path: Path) -> None:
+# int4 on this tiny random model (hidden 32, decodes nearly flat) is far rougher than on a trained
+# default-size model (measured there: R2 against float32 >= 0.993 on every channel); here it measured 1.12
+# std and R2 0.54
+@pytest.mark.parametrize(("scheme", "max_dev_std", "min_r2"), [("int8", 1.0, 0.99), ("int4", 1.5, 0.4)])
+def test_engine_decodes_equal_the_torch_causal_decodes_and_quantized_is_scored(
+        tmp_path: Path, scheme: str, max_dev_std: float, min_r2: float) -> None:
     from bench.quality_streaming import (
         causal_decodes,
         engine_decodes,
         receptive_bins,
-        score_int8,
+        score_quantized,
         score_streaming,
         trial_start_bins,
     )
@@ -221,13 +226,14 @@ def test_engine_decodes_equal_the_torch_causal_decodes_and_int8_is_scored(tmp_pa
     got = engine_decodes(tmp_path / "f32.onnx", cont.spikes, starts, 100, receptive_bins(model, 100))
     np.testing.assert_allclose(got, ref, atol=1e-4)  # the step engine, reset and led in, = the torch run
     scores, extra = score_streaming(model, arr, cont, test)
-    q_scores, q = score_int8(model, arr, cont, test, extra["decodes"], tmp_path / "q.onnx")
+    q_scores, q = score_quantized(model, arr, cont, test, extra["decodes"], tmp_path / "q.onnx", scheme)
     assert (tmp_path / "q.onnx").exists() and set(q_scores) == set(scores)
     assert len(q["max_abs_diff_vs_float32"]) == 6 and 0 < max(q["max_abs_diff_vs_float32"])
-    assert max(q["max_abs_diff_over_std"]) < 1.0  # int8 stays within the spread of the decodes
-    for ch in range(6):  # int8 decodes explain the float32 decodes of every channel
-        fp32, int8 = extra["decodes"][..., ch].ravel(), q["decodes"][..., ch].ravel()
-        assert 1 - ((int8 - fp32) ** 2).sum() / ((fp32 - fp32.mean()) ** 2).sum() > 0.99
+    assert max(q["max_abs_diff_over_std"]) < max_dev_std  # stays within the spread of the decodes
+    for ch in range(6):  # the quantized decodes explain the float32 decodes of every channel
+        fp32, quant = extra["decodes"][..., ch].ravel(), q["decodes"][..., ch].ravel()
+        r2 = 1 - ((quant - fp32) ** 2).sum() / ((fp32 - fp32.mean()) ** 2).sum()
+        assert r2 > min_r2 and r2 == pytest.approx(q["r2_vs_float32"][ch])
 
 
 def test_streaming_scores_are_causal_and_on_exactly_the_test_trials() -> None:
@@ -329,7 +335,7 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
         prepare_sessions(data, QualityConfig(n_pretrain=3, n_heldout=1))
     rep = json.loads((out / "report.json").read_text())
     expected = ["oracle", "psth", "linear", "rrr", "neds_encoding", "neds_decoding", "neds_single",
-                "neds_multi", "neds_streaming", "neds_streaming_int8"]
+                "neds_multi", "neds_streaming", "neds_streaming_int8", "neds_streaming_int4"]
     assert rep["models"] == expected
     assert len(rep["heldout_sessions"]) == 1 and len(rep["pretrain_sessions"]) == 2
     eid = rep["heldout_sessions"][0]
@@ -342,7 +348,7 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     assert rep["results"][eid]["neds_encoding"]["wheel_r2"] is None  # encoding-only: no decoding scores
     assert rep["results"][eid]["neds_decoding"]["bits_per_spike"] is None
     assert isinstance(rep["results"][eid]["linear"]["wheel_r2"], float)
-    for name in ("neds_streaming", "neds_streaming_int8"):  # causal decodes, decoding only
+    for name in ("neds_streaming", "neds_streaming_int8", "neds_streaming_int4"):  # causal, decoding only
         stream = rep["results"][eid][name]
         assert stream["bits_per_spike"] is None
         assert all(isinstance(stream[m], float) and math.isfinite(stream[m]) for m in GAP_METRICS)
@@ -357,8 +363,9 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     assert info["test_trials"] == rep["n_trials"][eid]["test"] == info["excluded_test_trials"]
     assert info["train_windows"] > 0 and info["steps"] >= 1 and 0 <= info["grid_offset_max_s"] <= 0.01
     assert (out / "models" / eid / "neds_streaming" / "best.pt").exists()
-    assert (out / "models" / eid / "neds_streaming_int8.onnx").exists()
-    assert len(info["int8"]["max_abs_diff_vs_float32"]) == 6
+    for scheme in ("int8", "int4"):
+        assert (out / "models" / eid / f"neds_streaming_{scheme}.onnx").exists()
+        assert len(info[scheme]["max_abs_diff_vs_float32"]) == len(info[scheme]["r2_vs_float32"]) == 6
     assert isinstance(rep["results"][eid]["oracle"]["bits_per_spike"], float)
     assert rep["regions"]["n_regions"] >= 2 and 0.0 <= rep["regions"]["neds_accuracy"] <= 1.0
     assert len(rep["checks"]) == 9
@@ -369,4 +376,5 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "| model | bits/spike |" in md and "| neds_multi |" in md and "## Done-when checks" in md
     assert "## Streaming vs offline" in md and "| wheel R2 |" in md and "| neds_streaming |" in md
-    assert "| neds_streaming_int8 |" in md and "int8 weights (`neds_streaming_int8`)" in md
+    for scheme in ("int8", "int4"):
+        assert f"| neds_streaming_{scheme} |" in md and f"{scheme} weights (`neds_streaming_{scheme}`)" in md

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -205,35 +206,72 @@ def test_export_tiny_helper_writes_a_loadable_file(tmp_path: Path) -> None:
     assert open_engine(path).meta.n_units == 12
 
 
-def test_int8_export_quantizes_weights_and_stays_close_to_float32(model, files: dict[str, Path],  # type: ignore[no-untyped-def]
-                                                                  tmp_path: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+# tolerances: the largest deviation from float32 as a share of each decode channel's range over the run, and
+# the smallest correlation with float32 (int4 keeps 16 levels per weight: measured 0.19 and 0.996 on this
+# model; on a trained default-size model over 40 held-out trials: at most 0.27 standard deviations off, R2
+# against float32 >= 0.993)
+@pytest.mark.parametrize(("scheme", "quant_ops", "max_dev", "min_corr"), [
+    ("int8", {"MatMulInteger", "DynamicQuantizeLinear"}, 0.1, 0.995),
+    ("int4", {"MatMulNBits"}, 0.25, 0.99),
+])
+def test_quantized_export_quantizes_weights_and_stays_close_to_float32(  # type: ignore[no-untyped-def]
+        model, files: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture, scheme: str,
+        quant_ops: set[str], max_dev: float, min_corr: float) -> None:
     import logging
 
     import onnx
 
-    path = tmp_path / "int8.onnx"
+    path = tmp_path / f"{scheme}.onnx"
     with caplog.at_level(logging.INFO):
-        meta = export_model(model, model.eids[0], path, graph="step", context=CONTEXT, quantize="int8")
+        meta = export_model(model, model.eids[0], path, graph="step", context=CONTEXT, quantize=scheme)
     chatter = [r for r in caplog.records if "onnxruntime" in r.pathname and r.levelno < logging.WARNING]
     assert not chatter  # the quantizer's per-tensor INFO lines are dropped (its warnings pass)
     assert any("exported onnx step graph" in r.getMessage() for r in caplog.records)  # ours is not
     assert logging.getLogger().filters == []  # and the filter is gone afterwards
-    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops and "quantization" in meta.extra
+    graph = onnx.load(str(path)).graph
+    ops = {node.op_type for node in graph.node}
+    assert quant_ops <= ops and meta.extra["quantization"]["scheme"] == scheme
+    assert "Gemm" not in ops or scheme == "int8"  # int4: every Linear became a quantized MatMul
+    assert not {t.name for t in graph.initializer} & {f"{name}.kn" for name in model.state_dict()}  # no
+    # float copy of a rewritten weight is left behind
     q, f = open_engine(path), open_engine(files["onnx-step"])
     assert q.meta.extra["quantization"] == meta.extra["quantization"] and "quantization" not in f.meta.extra
     assert q.meta.weights_sha256 == f.meta.weights_sha256 == weights_sha256(model, model.eids[0])
+    assert (q.meta.weights, f.meta.weights) == (scheme, "float32")
+    unnamed = dict(q.meta.extra["quantization"])
+    del unnamed["scheme"]  # files written before the scheme was named were int8
+    assert dataclasses.replace(q.meta, extra={"quantization": unnamed}).weights == "int8"
     counts = _inputs("realistic", 60)[0]  # (60, 12)
     dq = np.concatenate([q.step(c) for c in counts])  # (60, 6)
     df = np.concatenate([f.step(c) for c in counts])  # (60, 6)
     assert not np.array_equal(dq, df)  # really another graph
     spread = df.max(axis=0) - df.min(axis=0)  # (6,) range of each decode channel over the run
-    assert np.all(np.abs(dq - df).max(axis=0) <= 0.1 * spread + 1e-3)
+    assert np.all(np.abs(dq - df).max(axis=0) <= max_dev * spread + 1e-3)
     for ch in range(df.shape[1]):
         if spread[ch] > 1e-3:
-            assert np.corrcoef(dq[:, ch], df[:, ch])[0, 1] > 0.995
+            assert np.corrcoef(dq[:, ch], df[:, ch])[0, 1] > min_corr
+
+
+def test_quantize_refuses_torchscript_and_unknown_schemes(model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError, match="--quantize"):
         export_model(model, model.eids[0], tmp_path / "q.pt", fmt="torchscript", quantize="int8")
     with pytest.raises(ConfigError, match="--quantize"):
         export_model(model, model.eids[0], tmp_path / "q.onnx", quantize="fp4")
+
+
+def test_quiet_quantizers_undoes_the_quantizers_logging_side_effects() -> None:
+    import logging
+
+    from training.quantize import _quiet_quantizers
+
+    root, named = logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    handlers, level = list(root.handlers), root.level
+    root.handlers.clear()  # an application that configured no logging
+    try:
+        with _quiet_quantizers():
+            logging.basicConfig(level=logging.INFO)  # what matmul_nbits_quantizer does on import
+            assert root.handlers and not named.isEnabledFor(logging.INFO)
+            assert named.isEnabledFor(logging.WARNING)
+        assert root.handlers == [] and root.level == level and root.filters == []
+    finally:
+        root.handlers[:] = handlers

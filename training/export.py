@@ -24,6 +24,7 @@ from neds_rt.engine import step_io_names
 from neds_rt.errors import ConfigError, invalid
 from neds_rt.model_meta import META_KEY, ModelMeta, OutputChannel
 from training.model import NEDS
+from training.quantize import QUANTIZE, SCHEMES, quantize_onnx
 from training.streaming import (
     DECODE_CHANNELS,
     StepState,
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 FORMATS: Final = ("onnx", "torchscript")
 GRAPHS: Final = ("step", "window")
-QUANTIZE: Final = ("none", "int8")
 OPSET: Final = 17
 
 
@@ -116,11 +116,12 @@ def export_model(
 ) -> ModelMeta:
     """Write ``model`` (session ``eid``) to ``out``; return the metadata written into the file.
 
-    ``quantize="int8"`` (ONNX only) stores every MatMul weight as int8, one scale per output channel, and
-    quantizes activations per call (onnxruntime dynamic quantization, 7-bit range for CPUs without VNNI);
-    the metadata then records it under ``extra["quantization"]``. The decodes are no longer equal to the
-    float32 model's: measure the difference on real data before serving it (``neds-rt bench inference``
-    prints it on random input, ``neds-rt bench latency`` gives the live decode quality).
+    ``quantize`` (ONNX only; :mod:`training.quantize`): ``"int8"`` stores every MatMul weight as int8 with one
+    scale per output channel and quantizes activations per call; ``"int4"`` stores them as 4-bit blocks of 32
+    rows (onnxruntime ``MatMulNBits``). The metadata records the scheme under ``extra["quantization"]``. The
+    decodes are no longer equal to the float32 model's: measure the difference on real data before serving
+    it (``neds-rt bench quality`` scores both schemes against float32, ``neds-rt bench latency`` gives the
+    live decode quality).
     """
     if fmt not in FORMATS:
         raise invalid("--format", f"must be one of {FORMATS}", fmt)
@@ -160,26 +161,14 @@ def export_model(
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporters warn about their own deprecation
         if fmt == "onnx":
-            if quantize == "int8":
-                meta.extra["quantization"] = INT8_SCHEME
+            if quantize != "none":
+                meta.extra["quantization"] = {"scheme": quantize, **SCHEMES[quantize]}
             _export_onnx(module, args, out, names_in, names_out, batch_axes, meta, quantize)
         else:
             traced = torch.jit.trace(module, args, check_trace=False)
             torch.jit.save(traced, str(out), _extra_files={f"{META_KEY}.json": meta.to_json()})
     log.info("exported %s %s graph of session %s to %s", fmt, graph, eid, out)
     return meta
-
-
-INT8_SCHEME: Final = {"weights": "int8, symmetric, one scale per output channel (7-bit range)",
-                      "activations": "uint8, scale and zero point computed per call",
-                      "ops": "MatMul", "tool": "onnxruntime.quantization.quantize_dynamic"}
-
-
-class _QuietQuantizer(logging.Filter):
-    """Drops onnxruntime.quantization's INFO chatter (warnings and errors pass)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "onnxruntime" not in record.pathname
 
 
 def _export_onnx(module: nn.Module, args: tuple[Tensor, ...], out: Path, names_in: list[str],
@@ -190,18 +179,9 @@ def _export_onnx(module: nn.Module, args: tuple[Tensor, ...], out: Path, names_i
     tmp = out.with_suffix(out.suffix + ".tmp")
     torch.onnx.export(module, args, str(tmp), input_names=names_in, output_names=names_out,
                       dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-    if quantize == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        fp32, tmp = tmp, out.with_suffix(out.suffix + ".int8.tmp")
-        quiet = _QuietQuantizer()
-        root = logging.getLogger()
-        root.addFilter(quiet)  # the quantizer logs a line per tensor at INFO on the root logger
-        try:
-            quantize_dynamic(fp32, tmp, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
-                             weight_type=QuantType.QInt8)
-        finally:
-            root.removeFilter(quiet)
+    if quantize != "none":
+        fp32, tmp = tmp, out.with_suffix(f"{out.suffix}.{quantize}.tmp")
+        quantize_onnx(fp32, tmp, quantize)
         fp32.unlink()
     proto = onnx.load(str(tmp))
     del proto.metadata_props[:]
