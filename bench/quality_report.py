@@ -287,7 +287,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                 if not q:
                     continue
                 worst = max(q["max_abs_diff_over_std"])
-                r2 = q.get("r2_vs_float32")
+                r2 = [v for v in q.get("r2_vs_float32") or [] if v is not None]
                 out += [f"{scheme} weights (`neds_streaming_{scheme}`), session {eid}: largest decode "
                         f"difference from float32 {worst:.2f} standard deviations of that decode channel "
                         "(per channel: " + ", ".join(f"{v:.2g}" for v in q["max_abs_diff_over_std"]) + ")"

@@ -164,6 +164,7 @@ def score_quantized(model: NEDS, arr: TrialArrays, cont: ContinuousArrays, rows:
     and, per decode channel, the largest difference (absolute and in standard deviations of the float32
     channel) and the R2 of the quantized decodes against the float32 ones."""
     from training.export import export_model
+    from training.metrics import r2
 
     c = model.cfg.n_bins
     export_model(model, arr.eid, path, graph="step", context=c, quantize=scheme)
@@ -172,11 +173,11 @@ def score_quantized(model: NEDS, arr: TrialArrays, cont: ContinuousArrays, rows:
     scores = neds_metrics(streaming_predictions(decodes, arr), arr, rows, tasks=("decoding",))
     diff = np.abs(decodes - fp32).reshape(-1, 6).max(axis=0)  # (6,) per decode channel
     spread = fp32.reshape(-1, 6).std(axis=0)  # (6,)
-    residual = ((decodes - fp32) ** 2).reshape(-1, 6).sum(axis=0)  # (6,)
-    total = ((fp32 - fp32.reshape(-1, 6).mean(axis=0)) ** 2).reshape(-1, 6).sum(axis=0)  # (6,)
+    r2_fp32 = [r2(decodes[..., ch], fp32[..., ch]) if spread[ch] > 0 else None for ch in range(6)]  # None:
+    # a float32 channel that never moves has no R2
     return scores, {"max_abs_diff_vs_float32": diff.tolist(),
                     "max_abs_diff_over_std": (diff / np.maximum(spread, 1e-12)).tolist(),
-                    "r2_vs_float32": (1.0 - residual / np.maximum(total, 1e-24)).tolist(), "decodes": decodes}
+                    "r2_vs_float32": r2_fp32, "decodes": decodes}
 
 
 # ---- training -------------------------------------------------------------------------------------------
@@ -223,6 +224,7 @@ def add_streaming(report: dict[str, Any], data: Path, out: Path, cfg: QualityCon
     from streams.load import open_one
     from training.arrays import TEST
     from training.cache import load_arrays
+    from training.quantize import SCHEMES
 
     one = open_one(Path(data))
     rows: dict[str, dict[str, float | None]] = {}
@@ -252,9 +254,8 @@ def add_streaming(report: dict[str, Any], data: Path, out: Path, cfg: QualityCon
               "TEST trial window")
     meta = {"model": MODEL, "offline": OFFLINE, "rule": RULE, "budget": budget, "sessions": details}
     report = add_streaming_rows(report, rows, model=MODEL, info=meta)
-    weights = {"int8": "int8 MatMul weights", "int4": "4-bit MatMul weights in blocks of 32"}
     for scheme, by_session in quant_rows.items():
         report = add_model_rows(report, QUANTIZED_MODELS[scheme], by_session, note=(
-            f"the streaming NEDS exported with {weights[scheme]} (neds-rt export --quantize {scheme}) and "
-            "run by the onnxruntime step engine over the same stretches"))
+            f"the streaming NEDS exported with {SCHEMES[scheme]['weights']} weights (neds-rt export "
+            f"--quantize {scheme}) and run by the onnxruntime step engine over the same stretches"))
     return report

@@ -25,7 +25,6 @@ from typing import Any, Final
 
 from neds_rt.errors import ConfigError, invalid
 
-QUANTIZE: Final = ("none", "int8", "int4")
 INT4_BLOCK: Final = 32  # input rows per scale
 
 SCHEMES: Final[dict[str, dict[str, Any]]] = {
@@ -37,6 +36,7 @@ SCHEMES: Final[dict[str, dict[str, Any]]] = {
              "ops": "MatMul (Gemm rewritten as MatMul + Add)",
              "tool": "onnxruntime.quantization.matmul_nbits_quantizer"},
 }
+QUANTIZE: Final = ("none", *SCHEMES)  # neds-rt export --quantize choices
 
 
 class _QuietQuantizer(logging.Filter):
@@ -73,7 +73,7 @@ def _quiet_quantizers() -> Iterator[None]:
 def gemm_as_matmul(proto: Any) -> int:
     """Rewrite, in place, every ``Gemm`` of ``proto`` whose weight is a constant (alpha = beta = 1, A not
     transposed) as ``MatMul`` with a (K, N) weight, plus ``Add`` of the bias; return how many were rewritten.
-    The weight keeps its name only when no other node reads it."""
+    The (K, N) copy is a new initializer; the original weight is dropped once no node reads it."""
     import numpy as np
     from onnx import helper, numpy_helper
 
