@@ -87,7 +87,9 @@ def train(
              "streaming, modality offline).")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Trials per step per process.")] = 16,
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 1e-3,
-    mask_ratio: Annotated[float | None, typer.Option(help="Default 0.3, or 0.1 when fine-tuning.")] = None,
+    mask_ratio: Annotated[float | None, typer.Option(
+        help="Fraction of bins the within-modality and cross-modal masks hide. Default 0.3, or the "
+             "checkpoint's when fine-tuning.")] = None,
     max_steps: Annotated[int, typer.Option(min=0, help="Stop after this many steps (0: all epochs).")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",

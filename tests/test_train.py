@@ -220,16 +220,20 @@ def test_resume_continues_where_the_run_stopped(tmp_path: Path, monkeypatch: pyt
 
 
 def test_finetune_keeps_shared_weights_and_rebuilds_session_layers(tmp_path: Path) -> None:
-    pre = train([synthetic_arrays(EIDS[0], seed=0)], tmp_path / "pre", tiny_cfg(), quick(epochs=1))
+    pre = train([synthetic_arrays(EIDS[0], seed=0)], tmp_path / "pre", tiny_cfg(mask_ratio=0.25),
+                quick(epochs=1))
     new = synthetic_arrays("cccccccc-0000-4000-8000-000000000003", n_units=7, seed=5)
     shared_before = {k: v.clone() for k, v in pre.model.shared_parameters().items()}
     res = train([new], tmp_path / "ft", None, quick(epochs=1, max_steps=1, lr=1e-9),
                 finetune_from=tmp_path / "pre" / "best.pt")
     assert res.model.eids == [new.eid] and res.model.session(new.eid).n_units == 7
-    assert res.model.cfg.mask_ratio == pytest.approx(0.1)
+    assert res.model.cfg.mask_ratio == pytest.approx(0.25)  # the pretraining ratio is kept
     for k, v in res.model.shared_parameters().items():  # a 1e-9 lr step leaves them where they were
         torch.testing.assert_close(v.detach(), shared_before[k], rtol=0, atol=1e-6)
     assert load_checkpoint(tmp_path / "ft" / "best.pt").eids == [new.eid]
+    other = train([new], tmp_path / "ft2", None, quick(epochs=1, max_steps=1),
+                  finetune_from=tmp_path / "pre" / "best.pt", mask_ratio=0.1)
+    assert other.model.cfg.mask_ratio == pytest.approx(0.1)  # unless one is given
 
 
 def test_checkpoint_from_another_config_names_file_and_key(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ class NEDSConfig:
     dropout: float = 0.1
     n_bins: int = 100  # tokens per modality = 20 ms bins in a window
     bin_size: float = 0.02  # seconds
-    mask_ratio: float = 0.3  # 0.3 pretraining, 0.1 fine-tuning
+    mask_ratio: float = 0.3  # fraction of bins hidden by the within / cross masks (kept when fine-tuning)
     mode: Literal["offline", "streaming"] = "offline"
     rope_base: float = 10000.0
     # How a bin's five modalities become tokens: "modality" is the paper's one token per modality per bin;
@@ -56,7 +56,7 @@ class NEDSConfig:
             raise invalid("NEDSConfig.dropout", "must be in [0, 1)", self.dropout, kind=ConfigError)
         if not 0.0 < self.mask_ratio < 1.0:
             raise invalid("NEDSConfig.mask_ratio", "must be in (0, 1)", self.mask_ratio,
-                          "use 0.3 to pretrain and 0.1 to fine-tune", kind=ConfigError)
+                          "use 0.3, the default", kind=ConfigError)
         if self.mode not in MODES:
             raise invalid("NEDSConfig.mode", f"must be one of {MODES}", self.mode, kind=ConfigError)
         if self.bin_size <= 0:

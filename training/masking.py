@@ -70,7 +70,7 @@ def draw_masks(
 ) -> tuple[Tensor, Tensor]:
     """Draw one scheme per trial: (mask (B, M, T) bool, scheme (B,) int64), on the CPU, from ``gen``."""
     if not 0.0 < ratio < 1.0:
-        raise invalid("mask ratio", "must be in (0, 1)", ratio, "use 0.3 to pretrain, 0.1 to fine-tune",
+        raise invalid("mask ratio", "must be in (0, 1)", ratio, "use 0.3, the default",
                       kind=ConfigError)
     if not schemes:
         raise invalid("schemes", "must name at least one masking scheme", schemes, kind=ConfigError)
