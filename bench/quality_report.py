@@ -214,10 +214,11 @@ def add_model_rows(report: dict[str, Any], model: str, rows: Mapping[str, Mappin
         "streaming_gap"}}
     new = assemble(results, ceilings=report.get("ceilings"), chances=report.get("chances"),
                    regions=report.get("regions"), extra=keep)
+    for m, n in report.get("model_notes", {}).items():  # notes of rows added earlier (assemble knows
+        if n and not new["model_notes"].get(m):  # only MODEL_NOTES' models)
+            new["model_notes"][m] = n
     if note:
         new["model_notes"][model] = note
-    for m, n in report.get("model_notes", {}).items():
-        new["model_notes"].setdefault(m, n)
     return new
 
 

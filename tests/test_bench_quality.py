@@ -16,6 +16,7 @@ from bench.quality_plots import plot_psths, plot_traces
 from bench.quality_report import (
     GAP_METRICS,
     METRICS,
+    MODEL_NOTES,
     add_model_rows,
     assemble,
     fraction,
@@ -128,6 +129,10 @@ def test_add_model_rows_streaming_hook() -> None:
     assert rep["mean"]["neds_streaming"]["wheel_r2"] == pytest.approx(0.6)
     assert rep["model_notes"]["neds_streaming"] == "streaming"
     assert rep["note"] == "x"
+    rep = add_model_rows(rep, "neds_streaming_int8", {A: {"wheel_r2": 0.59}}, note="int8")
+    assert rep["model_notes"]["neds_streaming"] == "streaming"  # an earlier row keeps its note
+    assert rep["model_notes"]["neds_streaming_int8"] == "int8"
+    assert rep["model_notes"]["neds_multi"] == MODEL_NOTES["neds_multi"]
     with pytest.raises(DataError, match="sessions the report did not evaluate"):
         add_model_rows(rep, "x", {"unknown": {"wheel_r2": 0.1}})
 
