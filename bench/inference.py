@@ -16,7 +16,9 @@ Poisson spike counts (log-normal rates with a 7 Hz mean, 20 ms bins), one call p
 - paced rows: the 1-thread float32, int8 and int4 steps called once per 20 ms bin, as serve calls them.
   Between calls the core idles or runs other work, and the next call starts with cold caches: on the 2-core
   VM this roughly doubles the quantized steps (the figure to expect inside ``neds-rt serve``), where
-  back-to-back calls measure the kernels alone.
+  back-to-back calls measure the kernels alone;
+- prewarmed paced rows: the paced float32 and int4 steps with one throwaway run (``Engine.prewarm``)
+  ``prewarm_ms`` before each call, as ``neds-rt serve --prewarm-ms`` does; the throwaway run is not timed.
 
 Latency is wall time around one engine call (input checks, ring update and copies included, as served),
 after a warm-up that fills the key/value ring. Rows run interleaved in ``rounds`` chunks so that a shared,
@@ -40,6 +42,7 @@ import numpy as np
 
 from bench.report import console, latency_percentiles, machine_info, plot_latency, write_json
 from neds_rt.errors import ConfigError, invalid
+from neds_rt.serve import PREWARM_MS
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ PACED: Final = "onnxruntime CPU step, 1 thread, paced"
 INT8_PACED: Final = "onnxruntime CPU step, 1 thread, int8 weights, paced"
 INT4: Final = "onnxruntime CPU step, 1 thread, int4 weights"
 INT4_PACED: Final = "onnxruntime CPU step, 1 thread, int4 weights, paced"
+PREWARMED: Final = "onnxruntime CPU step, 1 thread, paced, prewarmed"
+INT4_PREWARMED: Final = "onnxruntime CPU step, 1 thread, int4 weights, paced, prewarmed"
 QUANTIZED: Final = {INT8: "int8", INT4: "int4"}  # back-to-back quantized rows -> scheme (neds-rt export)
 
 
@@ -70,6 +75,7 @@ class InferenceBenchConfig:
     cpu_batch: int = 8  # streams per call of the batched CPU row (0: no such row)
     paced_steps: int = 1500  # timed calls of each paced row, one per ``pace_s`` (0: no paced rows)
     pace_s: float = 0.02  # the bin cadence of the paced rows
+    prewarm_ms: float = PREWARM_MS  # lead of the prewarmed paced rows' throwaway run (0: no such rows)
     cuda_batches: tuple[int, ...] = (8, 32)  # batched CUDA rows, where CUDA exists
     eager_baseline: bool = True  # also time the naive baseline in torch eager
     hidden: int | None = None
@@ -95,6 +101,9 @@ class InferenceBenchConfig:
                           (self.warmup, self.cpu_batch, self.paced_steps), kind=ConfigError)
         if self.paced_steps and not (math.isfinite(self.pace_s) and 0 < self.pace_s <= 1):
             raise invalid("bench inference pace_s", "must be in (0, 1] s", self.pace_s, kind=ConfigError)
+        if not 0 <= self.prewarm_ms < self.pace_s * 1e3:
+            raise invalid("bench inference prewarm_ms", "must be >= 0 and below the pace", self.prewarm_ms,
+                          kind=ConfigError)
         if self.context < 2:
             raise invalid("bench inference context", "must be >= 2 bins", self.context, kind=ConfigError)
         if self.rounds > min(self.steps, self.baseline_steps, self.paced_steps or self.steps):
@@ -129,6 +138,8 @@ class _Row:
     calls: int = 0  # calls so far (warm-up included): the index into the input stream
     same_model: bool = True  # same weights and layout as the eager row (parity is checked against it)
     pace_s: float = 0.0  # > 0: one call per pace_s (as served), not back to back
+    prewarm: Callable[[], Any] | None = None  # paced rows: an untimed throwaway run prewarm_s before a call
+    prewarm_s: float = 0.0
 
 
 # ---- inputs and models ------------------------------------------------------------------------------------
@@ -183,14 +194,15 @@ def _cuda_status() -> tuple[bool, str]:
 # ---- rows -------------------------------------------------------------------------------------------------
 def _ort_step_row(name: str, path: Path, cfg: InferenceBenchConfig, threads: int, batch: int = 1,
                   device: str = "cpu", spinning: bool = False, note: str = "",
-                  paced: bool = False) -> _Row:
+                  paced: bool = False, prewarm_s: float = 0.0) -> _Row:
     from neds_rt.engine import OnnxStepEngine
 
     eng = OnnxStepEngine(path, device=device, threads=threads, batch=batch, spinning=spinning)
     if device == "cuda" and eng.providers[0] != "CUDAExecutionProvider":
         raise RuntimeError(f"onnxruntime fell back to {eng.providers} for {path}")
     steps, pace_s = (cfg.paced_steps, cfg.pace_s) if paced else (cfg.steps, 0.0)
-    return _Row(name, "onnxruntime", "step", device, threads, batch, steps, eng.step, note, pace_s=pace_s)
+    return _Row(name, "onnxruntime", "step", device, threads, batch, steps, eng.step, note, pace_s=pace_s,
+                prewarm=eng.prewarm if prewarm_s > 0 else None, prewarm_s=prewarm_s)
 
 
 def _torchscript_row(name: str, path: Path, cfg: InferenceBenchConfig, device: str = "cpu",
@@ -269,11 +281,14 @@ def _inputs(row: _Row, counts: np.ndarray, index: int) -> np.ndarray:
 def _run(row: _Row, counts: np.ndarray, n: int, timed: bool) -> None:
     wall, cpu = time.perf_counter_ns, time.process_time_ns
     out: Any = None
-    pace_ns = int(row.pace_s * 1e9)
+    pace_ns, prewarm_ns = int(row.pace_s * 1e9), int(row.prewarm_s * 1e9)
     due = wall() + pace_ns
     for _ in range(n):
         x = _inputs(row, counts, row.calls)
         if pace_ns:  # sleep to the next tick, as serve sleeps to the next bin's deadline
+            if row.prewarm is not None:  # as serve --prewarm-ms: a throwaway run shortly before (untimed)
+                time.sleep(max(0.0, (due - prewarm_ns - wall()) / 1e9))
+                row.prewarm()
             time.sleep(max(0.0, (due - wall()) / 1e9))
             due += pace_ns
         c0 = cpu()
@@ -351,6 +366,12 @@ def run_inference_bench(out: Path, cfg: InferenceBenchConfig | None = None) -> d
             rows.append(_ort_step_row(PACED, step_onnx, cfg, threads=1, note=pace, paced=True))
             for name, path in ((INT8_PACED, step_int8_onnx), (INT4_PACED, step_int4_onnx)):
                 rows.append(_ort_step_row(name, path, cfg, threads=1, note=pace, paced=True))
+                rows[-1].same_model = False
+            if cfg.prewarm_ms > 0:
+                warm = f"{pace}, after a throwaway run {cfg.prewarm_ms:g} ms before (serve --prewarm-ms)"
+                for name, path in ((PREWARMED, step_onnx), (INT4_PREWARMED, step_int4_onnx)):
+                    rows.append(_ort_step_row(name, path, cfg, threads=1, note=warm, paced=True,
+                                              prewarm_s=cfg.prewarm_ms / 1e3))
                 rows[-1].same_model = False
         if cfg.cpu_batch > 0:
             rows.append(_ort_step_row(f"onnxruntime CPU step, batch {cfg.cpu_batch}", step_onnx, cfg,
@@ -456,8 +477,9 @@ def _result(cfg: InferenceBenchConfig, rows: list[_Row], skipped: list[dict[str,
                 (f"{scheme}_p99_met", row["latency_ms"]["p99"] <= TARGET_P99_MS),
                 (f"{scheme}_max_abs_diff_vs_float32", row["max_abs_diff_vs_float32"]))},
             **{f"{key}_p99_ms": next(t for t in table if t["row"] == name)["latency_ms"]["p99"]
-               for key, name in (("paced", PACED), ("int8_paced", INT8_PACED), ("int4_paced", INT4_PACED))
-               if cfg.paced_steps},
+               for key, name in (("paced", PACED), ("int8_paced", INT8_PACED), ("int4_paced", INT4_PACED),
+                                 ("paced_prewarmed", PREWARMED), ("int4_paced_prewarmed", INT4_PREWARMED))
+               if any(r.name == name for r in rows)},
         },
     }
 
@@ -501,6 +523,10 @@ def _print(result: dict[str, Any]) -> None:
         con.print(f"paced, one call per bin as served: p99 float32 {t['paced_p99_ms']:.3f} ms, int8 "
                   f"{t['int8_paced_p99_ms']:.3f} ms, int4 {t['int4_paced_p99_ms']:.3f} ms (cold caches after "
                   "each idle gap)", markup=False)
+    if "paced_prewarmed_p99_ms" in t:
+        con.print(f"paced after a throwaway run {result['parameters']['prewarm_ms']:g} ms before (serve "
+                  f"--prewarm-ms): p99 float32 {t['paced_prewarmed_p99_ms']:.3f} ms, int4 "
+                  f"{t['int4_paced_prewarmed_p99_ms']:.3f} ms", markup=False)
     diffs = [r["max_abs_diff_vs_eager"] for r in result["rows"] if r["max_abs_diff_vs_eager"] is not None]
     m, load = result["machine"], result["load_average"]
     con.print(f"step rows agree with torch eager within {max(diffs):.2e} after the warm-up; "

@@ -39,6 +39,7 @@ import numpy as np
 from bench.report import console, latency_percentiles, machine_info, write_json
 from neds_rt.errors import ConfigError, StreamError, invalid
 from neds_rt.realtime import enter_realtime
+from neds_rt.serve import PREWARM_MS
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class LatencyBenchConfig:
     settle_s: float = 1.5  # wait after replay ends for the last decodes
     show_serve: bool = False  # serve's status lines on this console instead of its log file
     realtime: bool = False  # serve and replay at SCHED_FIFO, serve pinned to the last CPU, the rest elsewhere
+    prewarm_ms: float = PREWARM_MS  # serve's --prewarm-ms
 
     def check(self) -> None:
         if not self.duration > 0:
@@ -190,7 +192,8 @@ def _one_run(data: Path, session: str, model: Path, engine: str, cfg: LatencyBen
     serve = _spawn(["serve", "--model", str(model), "--engine", engine, "--stream", name, "--out-stream",
                     dec_name, "--log", str(log_csv), "--summary-json", str(serve_json), "--grace",
                     str(cfg.grace_ms), "--threads", str(cfg.threads), "--lsl-scope", "machine",
-                    "--status-every", "5", "--resolve-timeout", "180", *_realtime_args(cfg, split, "serve")],
+                    "--status-every", "5", "--resolve-timeout", "180", "--prewarm-ms", str(cfg.prewarm_ms),
+                    *_realtime_args(cfg, split, "serve")],
                    None if cfg.show_serve else out / f"{engine}_serve.log")
     client = _Client(dec_name, name)
     replay: subprocess.Popen[bytes] | None = None

@@ -204,6 +204,10 @@ def serve(
         "--huge-pages/--no-huge-pages",
         help="After warm-up, move the model's memory onto 2 MiB pages (Linux transparent huge pages; ~10% "
              "off a step run alone once per bin).")] = True,
+    prewarm_ms: Annotated[float, typer.Option(
+        min=0.0, help="This long before each bin closes, run the model once on the current state and "
+                      "throw the result away, so the real step finds its weights in cache (local clock; "
+                      "0: off).")] = 3.0,
 ) -> None:
     """Decode a live spike stream, one step per 20 ms bin: LSL Behavior + ZMQ decodes + decode log."""
     import signal
@@ -221,7 +225,7 @@ def serve(
                           zmq_in=zmq_in, zmq_out=zmq_out, out_stream=out_stream, log_path=log_path,
                           grace_ms=grace, duration_s=duration, clock=clock, t0=t0, stall_s=stall,
                           status_s=status_every, resolve_timeout_s=resolve_timeout, realtime=realtime,
-                          cpus=parse_cpus(cpus), huge_pages=huge_pages)
+                          cpus=parse_cpus(cpus), huge_pages=huge_pages, prewarm_ms=prewarm_ms)
         server = Server(cfg)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: server.stop())
@@ -323,6 +327,7 @@ def bench_latency(
     realtime: Annotated[bool, typer.Option(
         "--realtime", help="Serve and replay at SCHED_FIFO; serve pinned to the last CPU, replay and the "
                            "client to the others.")] = False,
+    prewarm_ms: Annotated[float, typer.Option(min=0.0, help="Serve's --prewarm-ms (0: off).")] = 3.0,
 ) -> None:
     """Replay, serve and a measuring client as three processes: per-stage latency, missed bins, CPU use and
     live decode quality against the ground truth and the offline evaluation."""
@@ -332,7 +337,7 @@ def bench_latency(
     lsl_scope.configure("machine")
     cfg = LatencyBenchConfig(duration=duration, speed=speed, start=start, probe=probe, grace_ms=grace,
                              engines=tuple(e.strip() for e in engines.split(",") if e.strip()),
-                             realtime=realtime)
+                             realtime=realtime, prewarm_ms=prewarm_ms)
     try:
         models = {e: (torchscript_model or model.with_suffix(".pt")) if e == "torchscript" else model
                   for e in cfg.engines}

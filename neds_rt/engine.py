@@ -51,6 +51,8 @@ class Engine(Protocol):
 
     def step(self, counts: np.ndarray) -> np.ndarray: ...
 
+    def prewarm(self) -> None: ...
+
 
 def _check_file(path: Path) -> None:
     if not path.is_file():
@@ -184,11 +186,17 @@ class OnnxStepEngine:
         self._outs = [np.zeros((self.batch, len(meta.outputs)), dtype=np.float32),  # (B, n_out)
                       np.zeros((self.batch, meta.n_units), dtype=np.float32),  # (B, N) log-rates
                       *(np.zeros(new_kv, dtype=np.float32) for _ in ring.kv)]
+        self._warm_outs = [np.zeros_like(a) for a in self._outs]  # prewarm()'s outputs, thrown away
+        self._warm_binding = self._bind_io(self._warm_outs)
+        return self._bind_io(self._outs)
+
+    def _bind_io(self, outs: list[np.ndarray]) -> Any:
+        ring = self._ring
         binding = self._sess.io_binding()
         for name, buf in zip(self._names_in, [self._x, ring.key_bias, self._cos, self._sin, *ring.kv],
                              strict=True):
             binding.bind_cpu_input(name, buf)  # no copy: onnxruntime reads the buffer at each run
-        for name, buf in zip(self._names_out, self._outs, strict=True):
+        for name, buf in zip(self._names_out, outs, strict=True):
             binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         return binding
 
@@ -218,6 +226,19 @@ class OnnxStepEngine:
         ring.write(outs[2:])
         self.log_rates = outs[1]
         return np.asarray(outs[0])
+
+    def prewarm(self) -> None:
+        """Run the graph once more on the current state and the last counts, and throw the outputs away:
+        the state does not move, and the next :meth:`step` finds the weights, the state and the kernels'
+        code in cache (serve calls it shortly before a bin closes; see ``ServeConfig.prewarm_ms``)."""
+        if self._binding is not None:
+            self._sess.run_with_iobinding(self._warm_binding)
+            return
+        ring = self._ring
+        cos, sin = ring.tables()
+        x = np.zeros((self.batch, self.meta.n_units), dtype=np.float32)  # (B, N)
+        self._sess.run(self._names_out, dict(zip(self._names_in, [x, ring.key_bias, cos, sin, *ring.kv],
+                                                 strict=True)))
 
 
 class TorchScriptStepEngine:
@@ -276,6 +297,15 @@ class TorchScriptStepEngine:
         ring.next_bin += 1
         self.log_rates = outs[1].float().cpu().numpy()
         return np.asarray(outs[0].float().cpu().numpy())
+
+    def prewarm(self) -> None:
+        """Run the module once on the current state with zero counts and throw the outputs away (the state
+        does not move; the next :meth:`step` finds the weights and state in cache)."""
+        torch = self._torch
+        x = torch.zeros((self.batch, self.meta.n_units), dtype=torch.float32, device=self._device)  # (B, N)
+        cos, sin = (torch.from_numpy(a).to(self._device) for a in self._ring.tables())
+        with torch.inference_mode():
+            self._module(x, self._bias, cos, sin, *self._kv)
 
 
 def open_engine(path: Path, engine: str = "onnx", device: str = "cpu", threads: int = 1,

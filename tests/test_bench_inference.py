@@ -18,8 +18,10 @@ from typer.testing import CliRunner
 from bench.inference import (
     BASELINE,
     INT4_PACED,
+    INT4_PREWARMED,
     INT8_PACED,
     PACED,
+    PREWARMED,
     PRIMARY,
     QUANTIZED,
     InferenceBenchConfig,
@@ -40,7 +42,9 @@ TINY: dict[str, Any] = dict(steps=24, warmup=4, baseline_steps=4, rounds=2, n_un
 
 STEP_ROWS = {PRIMARY, "onnxruntime CPU step, 2 threads", "onnxruntime CPU step, 2 threads, spinning",
              "TorchScript CPU step", "torch eager step", "onnxruntime CPU step, batch 3",
-             "onnxruntime CPU step, 1 thread, 5 tokens per bin", *QUANTIZED, PACED, INT8_PACED, INT4_PACED}
+             "onnxruntime CPU step, 1 thread, 5 tokens per bin", *QUANTIZED, PACED, INT8_PACED, INT4_PACED,
+             PREWARMED, INT4_PREWARMED}
+PACED_ROWS = {PACED, INT8_PACED, INT4_PACED, PREWARMED, INT4_PREWARMED}
 NAIVE_ROWS = {BASELINE, "naive: offline window recompute, torch eager"}
 CUDA_ROWS = {"onnxruntime CUDA step", "TorchScript CUDA step", "onnxruntime CUDA step, batch 2"}
 
@@ -63,7 +67,7 @@ def test_json_lists_every_row_with_finite_percentiles(tiny_run: tuple[Path, dict
     assert all(s["reason"] for s in saved["skipped"])
     for row in saved["rows"]:
         want = (TINY["baseline_steps"] if row["row"] in NAIVE_ROWS
-                else TINY["paced_steps"] if row["row"] in (PACED, INT8_PACED, INT4_PACED) else TINY["steps"])
+                else TINY["paced_steps"] if row["row"] in PACED_ROWS else TINY["steps"])
         assert row["steps"] == want, row["row"]
         for series in ("latency_ms", "cpu_ms"):
             values = [row[series][k] for k in LATENCY_KEYS]
@@ -84,8 +88,8 @@ def test_step_rows_decode_like_torch_eager(tiny_run: tuple[Path, dict[str, Any]]
     five = "onnxruntime CPU step, 1 thread, 5 tokens per bin"  # another model: no parity against eager
     diffs = {r["row"]: r["max_abs_diff_vs_eager"] for r in result["rows"]
              if r["graph"] == "step" and r["batch"] == 1
-             and r["row"] not in (five, *QUANTIZED, INT8_PACED, INT4_PACED)}
-    assert set(diffs) >= {PRIMARY, PACED, "TorchScript CPU step", "torch eager step"}
+             and r["row"] not in (five, *QUANTIZED, INT8_PACED, INT4_PACED, INT4_PREWARMED)}
+    assert set(diffs) >= {PRIMARY, PACED, PREWARMED, "TorchScript CPU step", "torch eager step"}
     assert all(d is not None and d < 1e-4 for d in diffs.values()), diffs
     assert next(r for r in result["rows"] if r["row"] == five)["max_abs_diff_vs_eager"] is None
     for name, scheme in QUANTIZED.items():  # quantized: compared with float32 instead
@@ -100,13 +104,27 @@ def test_paced_rows_call_once_per_tick() -> None:
     calls: list[float] = []
     row = _Row("paced", "fake", "step", "cpu", 1, 1, 5, lambda x: calls.append(time.perf_counter()),
                pace_s=0.01)
+    start = time.perf_counter()
     _run(row, np.zeros((8, 3), np.float32), 5, timed=True)
-    gaps = np.diff(calls)  # (4,) s between calls
-    assert len(row.wall_ns) == 5 and gaps.min() >= 0.009, gaps
+    ticks = start + 0.01 * np.arange(1, 6)  # (5,) absolute deadlines: call i never comes before tick i
+    assert len(row.wall_ns) == 5 and np.all(np.array(calls) >= ticks), np.array(calls) - ticks
     back_to_back: list[float] = []
     row = _Row("free", "fake", "step", "cpu", 1, 1, 5, lambda x: back_to_back.append(time.perf_counter()))
     _run(row, np.zeros((8, 3), np.float32), 5, timed=True)
     assert np.diff(back_to_back).max() < 0.009
+
+
+def test_prewarmed_rows_run_the_throwaway_before_each_timed_call() -> None:
+    events: list[tuple[str, float]] = []
+    row = _Row("warm", "fake", "step", "cpu", 1, 1, 5, lambda x: events.append(("call", time.perf_counter())),
+               pace_s=0.01, prewarm=lambda: events.append(("warm", time.perf_counter())), prewarm_s=0.004)
+    start = time.perf_counter()
+    _run(row, np.zeros((8, 3), np.float32), 5, timed=True)
+    assert [e[0] for e in events] == ["warm", "call"] * 5
+    warm, call = (np.array([t for kind, t in events if kind == k]) for k in ("warm", "call"))  # (5,) each
+    ticks = start + 0.01 * np.arange(1, 6)  # (5,)
+    assert np.all(warm >= ticks - 0.004) and np.all(call >= ticks), (warm - ticks, call - ticks)
+    assert len(row.wall_ns) == 5  # only the calls are timed
 
 
 def test_png_is_written(tiny_run: tuple[Path, dict[str, Any]]) -> None:
@@ -126,7 +144,7 @@ def test_spike_counts_have_the_asked_rate() -> None:
                                  dict(context=1), dict(rate_hz=float("nan")), dict(rate_hz=0.0),
                                  dict(n_units=0), dict(cpu_batch=-1), dict(cuda_batches=(0,)),
                                  dict(steps=3, rounds=4), dict(paced_steps=-1), dict(paced_steps=1),
-                                 dict(pace_s=0.0)])
+                                 dict(pace_s=0.0), dict(prewarm_ms=-1.0), dict(prewarm_ms=5.0)])
 def test_bad_configs_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="bench inference"):
         InferenceBenchConfig(**(TINY | bad))

@@ -80,6 +80,22 @@ def test_onnx_io_binding_equals_plain_feeds_for_a_batch(files: dict[str, Path]) 
     np.testing.assert_array_equal(bound.step(counts[0]), plain.step(counts[0]))
 
 
+@pytest.mark.parametrize("engine", ["onnx", "onnx-feeds", "torchscript"])
+def test_prewarm_leaves_the_state_and_decodes_unchanged(files: dict[str, Path], engine: str) -> None:
+    counts = _inputs("realistic", 40)  # (1, T, N): the 15-bin ring rolls over twice
+    path = files["torchscript-step" if engine == "torchscript" else "onnx-step"]
+    kind = "torchscript" if engine == "torchscript" else "onnx"
+    warmed, plain = open_engine(path, engine=kind), open_engine(path, engine=kind)
+    if engine == "onnx-feeds":
+        warmed._binding = None  # type: ignore[union-attr]  # the per-call feed path (the CUDA provider's)
+    for t in range(counts.shape[1]):
+        for _ in range(t % 3):  # zero, one or two throwaway runs before the step
+            warmed.prewarm()
+        assert warmed.next_bin == plain.next_bin == t
+        np.testing.assert_allclose(warmed.step(counts[0, t]), plain.step(counts[0, t]), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(warmed.log_rates, plain.log_rates, atol=1e-6, rtol=0)
+
+
 def test_window_graphs_equal_torch(model, files: dict[str, Path]) -> None:  # type: ignore[no-untyped-def]
     import onnxruntime as ort
 

@@ -50,12 +50,15 @@ def _check_stamps(stamps: np.ndarray) -> None:
     assert np.all(closed >= bin_end) and np.all(i0 >= closed) and np.all(i1 >= i0) and np.all(pub >= i1)
 
 
-def test_lsl_spikes_decodes_equal_offline_engine_on_every_bin(model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("prewarm_ms", [0.0, 10.0])
+def test_lsl_spikes_decodes_equal_offline_engine_on_every_bin(model: Path, tmp_path: Path,
+                                                              prewarm_ms: float) -> None:
     uid = uuid.uuid4().hex[:8]
     outlet = LSLSpikeOutlet(f"spk-{uid}", EID, UNIT_IDS, REGIONS, source_id=f"src-{uid}")
     url = f"tcp://127.0.0.1:{free_port()}"
     cfg = ServeConfig(model, stream=f"spk-{uid}", zmq_out=url, out_stream=f"dec-{uid}",
-                      log_path=tmp_path / "decodes.csv", grace_ms=40.0, wait_clients_s=10.0, warmup_steps=5)
+                      log_path=tmp_path / "decodes.csv", grace_ms=40.0, wait_clients_s=10.0, warmup_steps=5,
+                      prewarm_ms=prewarm_ms)
     st = ServerThread(cfg)
     clients = DecodeClients(f"dec-{uid}", url)
     try:
@@ -80,6 +83,11 @@ def test_lsl_spikes_decodes_equal_offline_engine_on_every_bin(model: Path, tmp_p
     n_bins = last - first + 1
     kt, ku = kept_events(times, units, server.rejected)
     assert summary.bins == n_bins
+    ran, skipped = summary.counts.get("prewarms", 0), summary.counts.get("prewarm_skipped", 0)
+    if prewarm_ms:  # one prewarm decision per bin the loop waited for (+1: the bin after the last)
+        assert ran > 0 and ran + skipped <= n_bins + 1
+    else:
+        assert ran == skipped == 0
     ref = offline_decodes(model, bin_events(kt, ku, server.t0, first, n_bins, 8))  # (T, 6)
 
     log = read_decode_log(cfg.log_path)  # type: ignore[arg-type]

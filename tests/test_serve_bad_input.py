@@ -87,6 +87,23 @@ def test_io_period_outside_zero_to_the_stall_timeout_is_refused(model: Path, per
         Server(ServeConfig(model, io_period_s=period, stall_s=1.0))
 
 
+@pytest.mark.parametrize("prewarm_ms", [-1.0, 15.0, float("nan")])
+def test_prewarm_outside_zero_to_15_ms_is_refused(model: Path, prewarm_ms: float) -> None:
+    with pytest.raises(NedsRtError, match="--prewarm-ms"):
+        Server(ServeConfig(model, prewarm_ms=prewarm_ms))
+
+
+def test_cli_prewarm_defaults_are_serves() -> None:
+    import inspect
+
+    from neds_rt import cli
+    from neds_rt.serve import PREWARM_MS, ServeConfig
+
+    assert ServeConfig(Path("m.onnx")).prewarm_ms == PREWARM_MS > 0
+    for command in (cli.serve, cli.bench_latency):  # typer keeps the default in the signature
+        assert inspect.signature(command).parameters["prewarm_ms"].default == PREWARM_MS, command
+
+
 def test_stream_whose_units_differ_from_the_model_is_refused_at_start(model: Path) -> None:
     uid = uuid.uuid4().hex[:8]
     ids = [*UNIT_IDS[:-1], "999"]
