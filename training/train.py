@@ -153,7 +153,7 @@ def _finetune_model(
     the within-modality and cross-modal masks are solved by copying neighbouring bins and the visible wheel,
     so half the fine-tuning signal stops teaching decoding from spikes. On the quick quality benchmark
     (4 pretraining sessions, tiny NEDS, 60 fine-tuning epochs, two seeds) the VAL score rose from
-    0.356 / 0.382 at 0.1 to 0.445 / 0.438 at 0.3, with VAL wheel R² 0.73 against 0.48 single-session.
+    0.356 / 0.382 at 0.1 to 0.445 / 0.438 at 0.3, with VAL wheel R² 0.73 against 0.45 single-session.
     """
     ckpt = read_checkpoint(path)
     cfg = model_cfg or config_of(ckpt, path)
