@@ -149,10 +149,10 @@ def _finetune_model(
     """Shared weights from the checkpoint, new session layers for ``arrays``' sessions.
 
     The mask ratio stays the pretraining one unless ``mask_ratio`` is given. The 0.1 we first used for
-    fine-tuning made the multi-session model worse than a single-session one: with nine bins in ten visible,
-    the within-modality and cross-modal masks are solved by copying neighbouring bins and the visible wheel,
-    so half the fine-tuning signal stops teaching decoding from spikes. On the quick quality benchmark
-    (4 pretraining sessions, tiny NEDS, 60 fine-tuning epochs, two seeds) the VAL score rose from
+    fine-tuning made the multi-session model worse than a single-session one. Our reading: with nine bins in
+    ten visible, the within-modality and cross-modal masks are largely solved from neighbouring bins and the
+    visible wheel, so half the fine-tuning signal stops teaching decoding from spikes. On the quick quality
+    benchmark (4 pretraining sessions, tiny NEDS, 60 fine-tuning epochs, two seeds) the VAL score rose from
     0.356 / 0.382 at 0.1 to 0.445 / 0.438 at 0.3, with VAL wheel R² 0.73 against 0.45 single-session.
     """
     ckpt = read_checkpoint(path)
