@@ -191,10 +191,8 @@ class OnnxStepEngine:
         return self._bind_io(self._outs)
 
     def _bind_io(self, outs: list[np.ndarray]) -> Any:
-        ring = self._ring
         binding = self._sess.io_binding()
-        for name, buf in zip(self._names_in, [self._x, ring.key_bias, self._cos, self._sin, *ring.kv],
-                             strict=True):
+        for name, buf in self._feeds(self._x, self._cos, self._sin).items():
             binding.bind_cpu_input(name, buf)  # no copy: onnxruntime reads the buffer at each run
         for name, buf in zip(self._names_out, outs, strict=True):
             binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
@@ -221,8 +219,7 @@ class OnnxStepEngine:
             ring.write(new_kv)
             self.log_rates = log_rates.copy()
             return decodes.copy()  # the output buffer is reused by the next step
-        feeds = dict(zip(self._names_in, [x, ring.key_bias, cos, sin, *ring.kv], strict=True))
-        outs = self._sess.run(self._names_out, feeds)
+        outs = self._sess.run(self._names_out, self._feeds(x, cos, sin))
         ring.write(outs[2:])
         self.log_rates = outs[1]
         return np.asarray(outs[0])
@@ -234,11 +231,14 @@ class OnnxStepEngine:
         if self._binding is not None:
             self._sess.run_with_iobinding(self._warm_binding)
             return
-        ring = self._ring
-        cos, sin = ring.tables()
         x = np.zeros((self.batch, self.meta.n_units), dtype=np.float32)  # (B, N)
-        self._sess.run(self._names_out, dict(zip(self._names_in, [x, ring.key_bias, cos, sin, *ring.kv],
-                                                 strict=True)))
+        self._sess.run(self._names_out, self._feeds(x, *self._ring.tables()))
+
+    def _feeds(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's inputs by name: counts ``x``, the key bias, the rotary tables and the key/value rings
+        (bound once on the CPU provider, passed per call on the CUDA provider)."""
+        ring = self._ring
+        return dict(zip(self._names_in, [x, ring.key_bias, cos, sin, *ring.kv], strict=True))
 
 
 class TorchScriptStepEngine:
@@ -286,7 +286,7 @@ class TorchScriptStepEngine:
         torch = self._torch
         ring = self._ring
         x = torch.from_numpy(_check_counts(counts, self.meta, self.batch)).to(self._device)
-        cos, sin = (torch.from_numpy(a).to(self._device) for a in ring.tables())
+        cos, sin = self._tables()
         with torch.inference_mode():
             outs = self._module(x, self._bias, cos, sin, *self._kv)
             if ring.ring_bins > 0:
@@ -303,9 +303,13 @@ class TorchScriptStepEngine:
         does not move; the next :meth:`step` finds the weights and state in cache)."""
         torch = self._torch
         x = torch.zeros((self.batch, self.meta.n_units), dtype=torch.float32, device=self._device)  # (B, N)
-        cos, sin = (torch.from_numpy(a).to(self._device) for a in self._ring.tables())
         with torch.inference_mode():
-            self._module(x, self._bias, cos, sin, *self._kv)
+            self._module(x, self._bias, *self._tables(), *self._kv)
+
+    def _tables(self) -> tuple[Any, Any]:
+        """The rotary (cos, sin) tables of the next bin, on the engine's device."""
+        cos, sin = (self._torch.from_numpy(a).to(self._device) for a in self._ring.tables())
+        return cos, sin
 
 
 def open_engine(path: Path, engine: str = "onnx", device: str = "cpu", threads: int = 1,
