@@ -346,7 +346,7 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str) -> dict[str, A
         timing[f"neds_multi_{eid}_s"] = time.perf_counter() - t0
         results[eid] = rows
     t0 = time.perf_counter()
-    regions, region_data = _regions(arrays, pre, pretrained, finetuned, cfg)
+    regions, region_data = _regions(data, arrays, pre, pretrained, finetuned, cfg)
     timing["regions_s"] = time.perf_counter() - t0
     extra: dict[str, Any] = {
         "command": command, "config": asdict(cfg), "data": str(data), "pretrain_sessions": pre,
@@ -369,34 +369,58 @@ def _keep_preds(held: _Held, name: str, pred: Mapping[str, np.ndarray]) -> None:
         held.rates[name] = np.exp(pred["log_rates"])  # (K_test, T, N) expected counts
 
 
-def _regions(arrays: Mapping[str, TrialArrays], pre: list[str], pretrained: NEDS,
+def _regions(data: Path, arrays: Mapping[str, TrialArrays], pre: list[str], pretrained: NEDS,
              finetuned: Mapping[str, NEDS], cfg: QualityConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Region classification from NEDS neuron embeddings vs PSTH features, pooled over all sessions."""
+    """Region classification pooled over all sessions, from NEDS neuron embeddings (the check's features:
+    stitching column + spike-head row; each half is also scored alone) vs PSTH features, and, where every
+    session is simulated, from the simulator's true loadings: the ceiling."""
     from training.arrays import TRAIN
+    from training.oracle import fraction_of_ceiling, true_loadings_for
     from training.regions import classify_regions, psth_features
 
-    emb, psth, regions = [], [], []
+    emb, psth, regions, truth = [], [], [], []
     for eid, model in [*((e, pretrained) for e in pre), *finetuned.items()]:
         arr = arrays[eid]
         emb.append(neuron_embeddings(model, eid))
         psth.append(psth_features(arr.spikes, rows=arr.subset(TRAIN), choice=arr.choice, smooth_bins=1.0))
         regions.append(np.asarray(arr.regions).astype(str))
+        if _has_ground_truth(data, arr):
+            truth.append(true_loadings_for(arr, data))
     x_emb, x_psth, reg = np.concatenate(emb), np.concatenate(psth), np.concatenate(regions)
+    half = x_emb.shape[1] // 2  # neuron_embeddings: [stitching column | spike-head row]
     try:
         neds = classify_regions(x_emb, reg, n_splits=cfg.region_folds, seed=cfg.seed)
         base = classify_regions(x_psth, reg, n_splits=cfg.region_folds, seed=cfg.seed)
+        parts = {name: classify_regions(x, reg, n_splits=cfg.region_folds, seed=cfg.seed)
+                 for name, x in (("stitch", x_emb[:, :half]), ("head", x_emb[:, half:]))}
+        if len(truth) == len(emb):
+            parts["oracle"] = classify_regions(np.concatenate(truth), reg, n_splits=cfg.region_folds,
+                                               seed=cfg.seed)
     except DataError as err:
         log.warning("region classification skipped: %s", err)
         return {"skipped": str(err)}, {}
-    scores = {
+    scores: dict[str, Any] = {
         "neds_accuracy": neds.accuracy, "neds_balanced_accuracy": neds.balanced_accuracy,
         "psth_accuracy": base.accuracy, "psth_balanced_accuracy": base.balanced_accuracy,
         "chance_majority": neds.chance_majority, "chance_uniform": neds.chance_uniform,
+    }
+    for name, res in parts.items():
+        scores[f"{name}_accuracy"], scores[f"{name}_balanced_accuracy"] = res.accuracy, res.balanced_accuracy
+    if "oracle" in parts:  # accuracy as a fraction of the way from chance (majority) to the ceiling
+        for name in ("neds", "psth", "stitch", "head"):
+            try:
+                scores[f"{name}_fraction_of_ceiling"] = fraction_of_ceiling(
+                    scores[f"{name}_accuracy"], parts["oracle"].accuracy, neds.chance_majority)
+            except DataError as err:
+                log.warning("region classification: no fraction of the ceiling (%s)", err)
+    scores.update({
         "n_neurons": int(neds.kept.size), "n_regions": int(neds.classes.size), "n_splits": neds.n_splits,
         "classes": neds.classes.tolist(), "dropped": neds.dropped, "sessions": len(emb),
         "features": "stitching column + spike-head row of each neuron (pretrained and fine-tuned NEDS)",
+        "oracle_features": "the simulator's true loadings of each neuron on its latents" if "oracle" in parts
+        else None,
         "confusion": neds.confusion.tolist(), "psth_confusion": base.confusion.tolist(),
-    }
+    })
     return scores, {"emb": x_emb, "regions": reg, "neds": neds, "psth": base}
 
 

@@ -145,6 +145,30 @@ def done_checks(mean: Mapping[str, Mapping[str, float | None]], regions: Mapping
     return checks
 
 
+_REGION_ROWS: Final = (
+    ("neds", "NEDS embeddings (the check)"), ("stitch", "NEDS stitching columns only"),
+    ("head", "NEDS spike-head rows only"), ("psth", "PSTH baseline"), ("oracle", "ceiling: true tuning"),
+)
+
+
+def _region_table(reg: Mapping[str, Any]) -> list[str]:
+    """Markdown rows of the region scores; a fraction-of-ceiling column where the ceiling was run."""
+    frac = "oracle_accuracy" in reg
+    head = "| features | accuracy | balanced accuracy |" + (" fraction of ceiling |" if frac else "")
+    rows = [head, "|---|---:|---:|" + ("---:|" if frac else "")]
+    for key, label in _REGION_ROWS:
+        if f"{key}_accuracy" not in reg:
+            continue
+        acc, bacc = clean(reg[f"{key}_accuracy"]), clean(reg.get(f"{key}_balanced_accuracy"))
+        row = f"| {label} | {_fmt(acc)} | {_fmt(bacc)} |"
+        if frac:
+            row += f" {_fmt(clean(reg.get(f'{key}_fraction_of_ceiling')))} |" if key != "oracle" else " 1 |"
+        rows.append(row)
+    chance = (f"| chance | {_fmt(clean(reg.get('chance_majority')))} (majority) | "
+              f"{_fmt(clean(reg.get('chance_uniform')))} (uniform) |")
+    return [*rows, chance + (" 0 |" if frac else "")]
+
+
 def _gap_rows(stream: Mapping[str, float | None], offline: Mapping[str, float | None]
               ) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
@@ -304,17 +328,11 @@ def markdown(report: Mapping[str, Any]) -> str:
                     f"model can do from behaviour alone): {_fmt(noise_free)}.", ""]
     reg = report.get("regions") or {}
     if reg:
-        out += ["## Brain-region classification from neuron embeddings", "",
-                "| features | accuracy | balanced accuracy |", "|---|---:|---:|",
-                f"| NEDS embeddings | {_fmt(clean(reg.get('neds_accuracy')))} | "
-                f"{_fmt(clean(reg.get('neds_balanced_accuracy')))} |",
-                f"| PSTH baseline | {_fmt(clean(reg.get('psth_accuracy')))} | "
-                f"{_fmt(clean(reg.get('psth_balanced_accuracy')))} |",
-                f"| chance | {_fmt(clean(reg.get('chance_majority')))} (majority) | "
-                f"{_fmt(clean(reg.get('chance_uniform')))} (uniform) |", "",
+        out += ["## Brain-region classification from neuron embeddings", "", *_region_table(reg), "",
                 f"{reg.get('n_neurons', '?')} neurons, {reg.get('n_regions', '?')} regions, "
                 f"{reg.get('n_splits', '?')}-fold cross-validated logistic regression; "
-                f"features: {reg.get('features', '?')}.", ""]
+                f"features: {reg.get('features', '?')}."
+                + (f" Ceiling: {reg['oracle_features']}." if reg.get("oracle_features") else ""), ""]
     out += ["## Done-when checks", "", "| check | result | numbers |", "|---|---|---|"]
     for c in report["checks"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c["passed"]]

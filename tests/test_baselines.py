@@ -31,6 +31,7 @@ from training.oracle import (
     oracle_bits_per_spike,
     oracle_bits_per_spike_per_neuron,
     true_latents_for,
+    true_loadings_for,
     true_rates_for,
 )
 
@@ -288,9 +289,12 @@ def test_true_rates_and_latents_from_ground_truth_file(tmp_path: Path) -> None:
     lat = true_latents_for(arrays, tmp_path)
     assert lat.shape == (k, t, n_lat)
     np.testing.assert_allclose(lat[0, 0], gt.latents[:4].mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(true_loadings_for(arrays, tmp_path), gt.loadings[[5, 0, 2]])
     arrays.unit_ids = np.array([10, 99], dtype=np.int64)
     with pytest.raises(DataError, match="no rates for 1 units"):
         true_rates_for(arrays, tmp_path)
+    with pytest.raises(DataError, match="no rates for 1 units"):
+        true_loadings_for(arrays, tmp_path)
 
 
 def test_trial_logistic_span_rotation_keeps_the_l2_solution() -> None:

@@ -119,6 +119,23 @@ def test_markdown_and_files(tmp_path: Path) -> None:
     js, mdp = write_report(rep, tmp_path / "r")
     assert json.loads(js.read_text())["mean"]["neds_multi"]["bits_per_spike"] == pytest.approx(0.13)
     assert mdp.read_text() == md
+    assert "| NEDS embeddings (the check) | 0.600 |" in md and "| PSTH baseline | 0.500 |" in md
+    assert "ceiling" not in md.split("## Brain-region")[1].split("##")[0]  # no ceiling was run
+
+
+def test_region_table_gives_the_ceiling_and_fractions_when_it_was_run() -> None:
+    reg = {**REGIONS, "head_accuracy": 0.55, "head_balanced_accuracy": 0.5, "oracle_accuracy": 0.8,
+           "oracle_balanced_accuracy": 0.75, "neds_fraction_of_ceiling": 0.6, "psth_fraction_of_ceiling": 0.4,
+           "head_fraction_of_ceiling": 0.5, "oracle_features": "true loadings"}
+    rep = assemble(_results(), regions=reg)
+    section = markdown(rep).split("## Brain-region")[1].split("## ")[0]
+    assert "| features | accuracy | balanced accuracy | fraction of ceiling |" in section
+    assert "| NEDS embeddings (the check) | 0.600 | - | 0.600 |" in section
+    assert "| NEDS spike-head rows only | 0.550 | 0.500 | 0.500 |" in section
+    assert "| ceiling: true tuning | 0.800 | 0.750 | 1 |" in section
+    assert "| chance | 0.300 (majority) | 0.200 (uniform) | 0 |" in section
+    assert "stitching columns" not in section  # not scored, so no row
+    assert "Ceiling: true loadings." in section
 
 
 def test_add_model_rows_streaming_hook() -> None:
@@ -372,7 +389,11 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
         assert (out / "models" / eid / f"neds_streaming_{scheme}.onnx").exists()
         assert len(info[scheme]["max_abs_diff_vs_float32"]) == len(info[scheme]["r2_vs_float32"]) == 6
     assert isinstance(rep["results"][eid]["oracle"]["bits_per_spike"], float)
-    assert rep["regions"]["n_regions"] >= 2 and 0.0 <= rep["regions"]["neds_accuracy"] <= 1.0
+    reg = rep["regions"]
+    assert reg["n_regions"] >= 2 and 0.0 <= reg["neds_accuracy"] <= 1.0
+    for name in ("stitch", "head", "oracle"):  # simulated data: the true loadings give the ceiling
+        assert 0.0 <= reg[f"{name}_accuracy"] <= 1.0
+    assert reg["oracle_accuracy"] > reg["chance_majority"]
     assert len(rep["checks"]) == 9
     for png in ("multi_vs_single.png", "traces_wheel.png", "traces_whisker.png", "psths.png",
                 "regions_projection.png", "regions_confusion.png"):

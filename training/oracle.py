@@ -199,3 +199,12 @@ def true_latents_for(arrays: TrialArrays, root: str | Path) -> np.ndarray:
 
     gt = load_ground_truth(Path(root), arrays.eid, arrays.probe)
     return np.asarray(gt.latents_at(arrays.window_start, arrays.n_bins, arrays.bin_size), dtype=np.float64)
+
+
+def true_loadings_for(arrays: TrialArrays, root: str | Path) -> np.ndarray:
+    """(N, L) the simulator's loadings of ``arrays``' units, in the arrays' order: each unit's true tuning to
+    the latents, the features that region classification from learned embeddings can at best recover."""
+    from streams.ground_truth import load_ground_truth
+
+    gt = load_ground_truth(Path(root), arrays.eid, arrays.probe)
+    return np.asarray(gt.loadings[_ground_truth_columns(arrays, gt.cluster_ids)], dtype=np.float64)
