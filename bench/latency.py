@@ -38,7 +38,7 @@ import numpy as np
 
 from bench.report import console, latency_percentiles, machine_info, write_json
 from neds_rt.errors import ConfigError, StreamError, invalid
-from neds_rt.realtime import enter_realtime
+from neds_rt.realtime import CLIENT_PRIORITY, enter_realtime
 from neds_rt.serve import PREWARM_MS
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class LatencyBenchConfig:
     lead_s: float = 2.0  # replay's stream-time lead before the first spike
     settle_s: float = 1.5  # wait after replay ends for the last decodes
     show_serve: bool = False  # serve's status lines on this console instead of its log file
-    realtime: bool = False  # serve and replay at SCHED_FIFO, serve pinned to the last CPU, the rest elsewhere
+    realtime: bool = False  # serve (priority 20), the client (15) and replay (10) at SCHED_FIFO, on any CPU
+    pin: bool = False  # serve pinned to the last CPU, replay and the client to the others
     prewarm_ms: float = PREWARM_MS  # serve's --prewarm-ms
 
     def check(self) -> None:
@@ -174,11 +175,11 @@ def cpu_split() -> tuple[str, str] | None:
 
 
 def _realtime_args(cfg: LatencyBenchConfig, split: tuple[str, str] | None, who: str) -> list[str]:
-    if not cfg.realtime:
-        return []
-    if split is None:
-        return ["--realtime"]
-    return ["--realtime", "--cpus", split[0] if who == "serve" else split[1]]
+    """serve's / replay's ``--realtime`` and ``--cpus`` flags for this run (``split``: from cpu_split)."""
+    args = ["--realtime"] if cfg.realtime else []
+    if split is not None:
+        args += ["--cpus", split[0] if who == "serve" else split[1]]
+    return args
 
 
 def _one_run(data: Path, session: str, model: Path, engine: str, cfg: LatencyBenchConfig, out: Path,
@@ -373,9 +374,14 @@ def run_latency_bench(data: Path, session: str, model: Path | dict[str, Path], o
     cfg.check()
     out.mkdir(parents=True, exist_ok=True)
     models = model if isinstance(model, dict) else dict.fromkeys(cfg.engines, Path(model))
-    split = cpu_split() if cfg.realtime else None
-    # the measuring client stays off serve's CPU too (its pull threads are created after this)
-    restore = enter_realtime("bench client", None, [int(c) for c in split[1].split(",")]) if split else None
+    split = cpu_split() if cfg.pin else None
+    if cfg.pin and split is None:
+        log.warning("--pin: a single CPU, nothing to split; running unpinned")
+    # the measuring client (its pull threads are created after this) runs at SCHED_FIFO between serve and the
+    # replay, as a closed-loop consumer on a rig would, and stays off serve's CPU when pinned
+    restore = (enter_realtime("bench client", CLIENT_PRIORITY if cfg.realtime else None,
+                              [int(c) for c in split[1].split(",")] if split else None)
+               if cfg.realtime or split else None)
     try:
         runs = [_one_run(Path(data), session, Path(models[engine]), engine, cfg, out, split)
                 for engine in cfg.engines]

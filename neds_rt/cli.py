@@ -325,8 +325,10 @@ def bench_latency(
     probe: Annotated[str | None, typer.Option(help="Probe to replay (default: the first).")] = None,
     grace: Annotated[float, typer.Option(help="Serve's grace in ms.")] = 5.0,
     realtime: Annotated[bool, typer.Option(
-        "--realtime", help="Serve and replay at SCHED_FIFO; serve pinned to the last CPU, replay and the "
-                           "client to the others.")] = False,
+        "--realtime", help="Serve, the client and replay at SCHED_FIFO, in that order, on any "
+                           "CPU.")] = False,
+    pin: Annotated[bool, typer.Option(
+        "--pin", help="Pin serve to the last CPU, replay and the client to the others.")] = False,
     prewarm_ms: Annotated[float, typer.Option(min=0.0, help="Serve's --prewarm-ms (0: off).")] = 3.0,
 ) -> None:
     """Replay, serve and a measuring client as three processes: per-stage latency, missed bins, CPU use and
@@ -337,7 +339,7 @@ def bench_latency(
     lsl_scope.configure("machine")
     cfg = LatencyBenchConfig(duration=duration, speed=speed, start=start, probe=probe, grace_ms=grace,
                              engines=tuple(e.strip() for e in engines.split(",") if e.strip()),
-                             realtime=realtime, prewarm_ms=prewarm_ms)
+                             realtime=realtime, pin=pin, prewarm_ms=prewarm_ms)
     try:
         models = {e: (torchscript_model or model.with_suffix(".pt")) if e == "torchscript" else model
                   for e in cfg.engines}

@@ -21,6 +21,7 @@ from neds_rt.errors import ConfigError, invalid
 log = logging.getLogger(__name__)
 
 SERVE_PRIORITY: Final = 20  # above replay's pacing thread: on a shared host the decoder comes first
+CLIENT_PRIORITY: Final = 15  # a decode consumer (bench latency's client): after serve, before the replay
 REPLAY_PRIORITY: Final = 10
 
 

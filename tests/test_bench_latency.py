@@ -98,3 +98,15 @@ def test_client_stops_quietly_when_serve_closes_its_outlet() -> None:
         assert errors == []  # ... without an exception escaping the thread
     finally:
         threading.excepthook = hook
+
+
+@pytest.mark.parametrize(("realtime", "pin"), [(False, False), (True, False), (False, True), (True, True)])
+def test_realtime_and_pinning_are_separate_choices(realtime: bool, pin: bool) -> None:
+    from bench.latency import LatencyBenchConfig, _realtime_args
+
+    cfg = LatencyBenchConfig(realtime=realtime, pin=pin)
+    split = ("1", "0") if pin else None  # what cpu_split gives on a 2-CPU host, only asked for with --pin
+    serve, replay = _realtime_args(cfg, split, "serve"), _realtime_args(cfg, split, "replay")
+    assert ("--realtime" in serve) is realtime and ("--realtime" in replay) is realtime
+    assert (serve[-2:] == ["--cpus", "1"]) if pin else ("--cpus" not in serve)
+    assert (replay[-2:] == ["--cpus", "0"]) if pin else ("--cpus" not in replay)
