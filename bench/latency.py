@@ -38,7 +38,7 @@ import numpy as np
 
 from bench.report import console, latency_percentiles, machine_info, write_json
 from neds_rt.errors import ConfigError, StreamError, invalid
-from neds_rt.realtime import CLIENT_PRIORITY, enter_realtime
+from neds_rt.realtime import CLIENT_PRIORITY, enter_realtime, parse_cpus
 from neds_rt.serve import PREWARM_MS
 
 log = logging.getLogger(__name__)
@@ -379,15 +379,13 @@ def run_latency_bench(data: Path, session: str, model: Path | dict[str, Path], o
         log.warning("--pin: a single CPU, nothing to split; running unpinned")
     # the measuring client (its pull threads are created after this) runs at SCHED_FIFO between serve and the
     # replay, as a closed-loop consumer on a rig would, and stays off serve's CPU when pinned
-    restore = (enter_realtime("bench client", CLIENT_PRIORITY if cfg.realtime else None,
-                              [int(c) for c in split[1].split(",")] if split else None)
-               if cfg.realtime or split else None)
+    restore = enter_realtime("bench client", CLIENT_PRIORITY if cfg.realtime else None,
+                             parse_cpus(split[1]) if split else None)  # neither: changes nothing
     try:
         runs = [_one_run(Path(data), session, Path(models[engine]), engine, cfg, out, split)
                 for engine in cfg.engines]
     finally:
-        if restore is not None:
-            restore()
+        restore()
     cpus = {"serve": split[0], "replay_and_client": split[1]} if split else None
     result = {"config": asdict(cfg) | {"cpus": cpus}, "session": session,
               "models": {k: str(v) for k, v in models.items()}, "machine": machine_info(), "runs": runs}

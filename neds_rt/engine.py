@@ -225,9 +225,10 @@ class OnnxStepEngine:
         return np.asarray(outs[0])
 
     def prewarm(self) -> None:
-        """Run the graph once more on the current state and the last counts, and throw the outputs away:
-        the state does not move, and the next :meth:`step` finds the weights, the state and the kernels'
-        code in cache (serve calls it shortly before a bin closes; see ``ServeConfig.prewarm_ms``)."""
+        """Run the graph once more on the current state, and throw the outputs away: the state does not move,
+        and the next :meth:`step` finds the weights, the state and the kernels' code in cache (serve calls
+        it shortly before a bin closes; see ``ServeConfig.prewarm_ms``). The bound CPU path reuses the last
+        counts; the per-call path (CUDA provider) feeds zero counts."""
         if self._binding is not None:
             self._sess.run_with_iobinding(self._warm_binding)
             return
