@@ -10,7 +10,9 @@ Poisson spike counts (log-normal rates with a 7 Hz mean, 20 ms bins), one call p
 - TorchScript CPU step graph, and torch eager (:func:`training.streaming.step` under ``inference_mode``);
 - the naive baseline: the offline model recomputing its whole ``context``-bin window every tick (onnxruntime,
   and torch eager unless disabled);
-- a batched CPU row (``cpu_batch`` streams per call), and where CUDA exists, CUDA rows at B = 1 and batched;
+- a batched CPU row (``cpu_batch`` streams per call), and where CUDA exists, CUDA rows at B = 1 and batched:
+  onnxruntime's CUDA provider (state bound on the GPU; also with CUDA graph replay) and TorchScript on CUDA
+  (``rows="cuda"`` keeps only these and the reference rows: the 1-thread CPU step, eager, the naive baseline);
 - quantized rows: the same step exported with int8 weights and with int4 weights (``neds-rt export
   --quantize``); their decodes are compared with float32's instead of eager's;
 - paced rows: the 1-thread float32, int8 and int4 steps called once per 20 ms bin, as serve calls them.
@@ -77,6 +79,7 @@ class InferenceBenchConfig:
     pace_s: float = 0.02  # the bin cadence of the paced rows
     prewarm_ms: float = PREWARM_MS  # lead of the prewarmed paced rows' throwaway run (0: no such rows)
     cuda_batches: tuple[int, ...] = (8, 32)  # batched CUDA rows, where CUDA exists
+    rows: str = "all"  # all, or cuda: the CUDA rows and the reference rows only (a GPU host's short run)
     eager_baseline: bool = True  # also time the naive baseline in torch eager
     hidden: int | None = None
     heads: int | None = None
@@ -113,6 +116,8 @@ class InferenceBenchConfig:
         if not (math.isfinite(self.rate_hz) and self.rate_hz > 0):
             raise invalid("bench inference rate_hz", "must be a finite rate > 0 Hz", self.rate_hz,
                           kind=ConfigError)
+        if self.rows not in ("all", "cuda"):
+            raise invalid("bench inference rows", "must be all or cuda", self.rows, kind=ConfigError)
         if any(b < 1 for b in self.cuda_batches):
             raise invalid("bench inference cuda_batches", "must all be >= 1", self.cuda_batches,
                           kind=ConfigError)
@@ -176,11 +181,7 @@ def _graph_nodes(path: Path) -> int:
 
 
 def _cuda_status() -> tuple[bool, str]:
-    """(usable, reason): onnxruntime's CUDA provider is compiled in and the driver reports a device."""
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False, "onnxruntime was built without the CUDA execution provider"
+    """(usable, reason): the CUDA driver reports a device."""
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -194,10 +195,11 @@ def _cuda_status() -> tuple[bool, str]:
 # ---- rows -------------------------------------------------------------------------------------------------
 def _ort_step_row(name: str, path: Path, cfg: InferenceBenchConfig, threads: int, batch: int = 1,
                   device: str = "cpu", spinning: bool = False, note: str = "",
-                  paced: bool = False, prewarm_s: float = 0.0) -> _Row:
+                  paced: bool = False, prewarm_s: float = 0.0, cuda_graph: bool = False) -> _Row:
     from neds_rt.engine import OnnxStepEngine
 
-    eng = OnnxStepEngine(path, device=device, threads=threads, batch=batch, spinning=spinning)
+    eng = OnnxStepEngine(path, device=device, threads=threads, batch=batch, spinning=spinning,
+                         cuda_graph=cuda_graph)
     if device == "cuda" and eng.providers[0] != "CUDAExecutionProvider":
         raise RuntimeError(f"onnxruntime fell back to {eng.providers} for {path}")
     steps, pace_s = (cfg.paced_steps, cfg.pace_s) if paced else (cfg.steps, 0.0)
@@ -206,11 +208,53 @@ def _ort_step_row(name: str, path: Path, cfg: InferenceBenchConfig, threads: int
 
 
 def _torchscript_row(name: str, path: Path, cfg: InferenceBenchConfig, device: str = "cpu",
-                     batch: int = 1) -> _Row:
+                     batch: int = 1, note: str = "") -> _Row:
     from neds_rt.engine import open_engine
 
     eng = open_engine(path, "torchscript", device=device, threads=1, batch=batch)
-    return _Row(name, "torchscript", "step", device, 1, batch, cfg.steps, eng.step)
+    return _Row(name, "torchscript", "step", device, 1, batch, cfg.steps, eng.step, note)
+
+
+def _cuda_rows(cfg: InferenceBenchConfig, step_onnx: Path, step_ts: Path
+               ) -> tuple[list[_Row], list[dict[str, str]]]:
+    """onnxruntime CUDA (B = 1, B = 1 with CUDA graph replay, batched) and TorchScript CUDA (B = 1, batched)
+    rows; a row that cannot be built (no provider, no torch CUDA, a failed graph capture) is skipped with its
+    reason rather than ending the run."""
+    import onnxruntime as ort
+    import torch
+
+    ok, reason = _cuda_status()
+    ort_reason = ("" if "CUDAExecutionProvider" in ort.get_available_providers()
+                  else "onnxruntime was built without the CUDA execution provider")
+    torch_reason = "" if torch.cuda.is_available() else "this torch build sees no CUDA device"
+    plans: list[tuple[str, str, Callable[[], _Row]]] = [
+        ("onnxruntime CUDA step", ort_reason, lambda: _ort_step_row(
+            "onnxruntime CUDA step", step_onnx, cfg, 1, device="cuda", note="state bound on the GPU")),
+        ("onnxruntime CUDA step, CUDA graph", ort_reason, lambda: _ort_step_row(
+            "onnxruntime CUDA step, CUDA graph", step_onnx, cfg, 1, device="cuda", cuda_graph=True,
+            note="the step replayed as one CUDA graph")),
+        *((f"onnxruntime CUDA step, batch {b}", ort_reason, lambda b=b: _ort_step_row(
+            f"onnxruntime CUDA step, batch {b}", step_onnx, cfg, 1, batch=b, device="cuda",
+            note=f"{b} streams per call")) for b in cfg.cuda_batches),
+        ("TorchScript CUDA step", torch_reason, lambda: _torchscript_row(
+            "TorchScript CUDA step", step_ts, cfg, device="cuda")),
+        *((f"TorchScript CUDA step, batch {b}", torch_reason, lambda b=b: _torchscript_row(
+            f"TorchScript CUDA step, batch {b}", step_ts, cfg, device="cuda", batch=b,
+            note=f"{b} streams per call")) for b in cfg.cuda_batches),
+    ]
+    rows: list[_Row] = []
+    skipped: list[dict[str, str]] = []
+    for name, why, build in plans:
+        why = why if ok else reason
+        if why:
+            skipped.append({"row": name, "reason": why})
+            continue
+        try:
+            rows.append(build())
+        except Exception as err:  # a GPU row that fails to build is reported, not fatal
+            log.warning("%s: %s", name, err)
+            skipped.append({"row": name, "reason": f"failed to build: {str(err)[:300]}"})
+    return rows, skipped
 
 
 def _eager_step_row(model: Any, cfg: InferenceBenchConfig) -> _Row:
@@ -268,6 +312,45 @@ def _naive_eager_row(model: Any, cfg: InferenceBenchConfig) -> _Row:
     return _Row("naive: offline window recompute, torch eager", "torch eager",
                 "window (offline, full recompute)", "cpu", 1, 1, cfg.baseline_steps, call,
                 f"bidirectional {cfg.context}-bin window recomputed every tick")
+
+
+def _cpu_rows(cfg: InferenceBenchConfig, step_onnx: Path, step_ts: Path, step_modality_onnx: Path,
+              step_int8_onnx: Path, step_int4_onnx: Path) -> list[_Row]:
+    """The CPU rows beyond the reference ones: 2 threads, TorchScript, 5 tokens per bin, int8 / int4, paced,
+    prewarmed and batched."""
+    rows: list[_Row] = [
+        _ort_step_row("onnxruntime CPU step, 2 threads", step_onnx, cfg, threads=2,
+                      note="no spinning (the engine's setting)"),
+        _ort_step_row("onnxruntime CPU step, 2 threads, spinning", step_onnx, cfg, threads=2,
+                      spinning=True, note="pool threads spin (onnxruntime's own default)"),
+        _torchscript_row("TorchScript CPU step", step_ts, cfg),
+        _ort_step_row("onnxruntime CPU step, 1 thread, 5 tokens per bin", step_modality_onnx, cfg,
+                      threads=1, note="the paper's one token per modality, for information"),
+        _ort_step_row(INT8, step_int8_onnx, cfg, threads=1,
+                      note="int8 MatMul weights (neds-rt export --quantize int8); decodes differ"),
+        _ort_step_row(INT4, step_int4_onnx, cfg, threads=1,
+                      note="4-bit weights in blocks of 32 (neds-rt export --quantize int4); decodes "
+                           "differ"),
+    ]
+    for row in rows[-3:]:
+        row.same_model = False
+    if cfg.paced_steps:
+        pace = f"one call per {cfg.pace_s * 1e3:g} ms, as served"
+        rows.append(_ort_step_row(PACED, step_onnx, cfg, threads=1, note=pace, paced=True))
+        for name, path in ((INT8_PACED, step_int8_onnx), (INT4_PACED, step_int4_onnx)):
+            rows.append(_ort_step_row(name, path, cfg, threads=1, note=pace, paced=True))
+            rows[-1].same_model = False
+        if cfg.prewarm_ms > 0:
+            warm = f"{pace}, after a throwaway run {cfg.prewarm_ms:g} ms before (serve --prewarm-ms)"
+            for name, path in ((PREWARMED, step_onnx), (INT4_PREWARMED, step_int4_onnx)):
+                rows.append(_ort_step_row(name, path, cfg, threads=1, note=warm, paced=True,
+                                          prewarm_s=cfg.prewarm_ms / 1e3))
+            rows[-1].same_model = False
+    if cfg.cpu_batch > 0:
+        rows.append(_ort_step_row(f"onnxruntime CPU step, batch {cfg.cpu_batch}", step_onnx, cfg,
+                                  threads=1, batch=cfg.cpu_batch,
+                                  note=f"{cfg.cpu_batch} streams per call, for information"))
+    return rows
 
 
 # ---- timing -----------------------------------------------------------------------------------------------
@@ -333,64 +416,23 @@ def run_inference_bench(out: Path, cfg: InferenceBenchConfig | None = None) -> d
         window_onnx = models_dir / "window_offline.onnx"
         t = time.perf_counter()
         export_model(stream_model, EID, step_onnx, fmt="onnx", graph="step", context=cfg.context)
-        export_model(per_modality_model, EID, step_modality_onnx, fmt="onnx", graph="step",
-                     context=cfg.context)
-        for path, scheme in ((step_int8_onnx, "int8"), (step_int4_onnx, "int4")):
-            export_model(stream_model, EID, path, fmt="onnx", graph="step", context=cfg.context,
-                         quantize=scheme)
         export_model(stream_model, EID, step_ts, fmt="torchscript", graph="step", context=cfg.context)
         export_model(offline_model, EID, window_onnx, fmt="onnx", graph="window", context=cfg.context)
-        log.info("exported 6 graphs in %.1f s", time.perf_counter() - t)
+        if cfg.rows == "all":
+            export_model(per_modality_model, EID, step_modality_onnx, fmt="onnx", graph="step",
+                         context=cfg.context)
+            for path, scheme in ((step_int8_onnx, "int8"), (step_int4_onnx, "int4")):
+                export_model(stream_model, EID, path, fmt="onnx", graph="step", context=cfg.context,
+                             quantize=scheme)
+        log.info("exported the graphs in %.1f s", time.perf_counter() - t)
 
-        cuda_ok, cuda_reason = _cuda_status()
-        rows: list[_Row] = [
-            _ort_step_row(PRIMARY, step_onnx, cfg, threads=1),
-            _ort_step_row("onnxruntime CPU step, 2 threads", step_onnx, cfg, threads=2,
-                          note="no spinning (the engine's setting)"),
-            _ort_step_row("onnxruntime CPU step, 2 threads, spinning", step_onnx, cfg, threads=2,
-                          spinning=True, note="pool threads spin (onnxruntime's own default)"),
-            _torchscript_row("TorchScript CPU step", step_ts, cfg),
-            _eager_step_row(stream_model, cfg),
-            _ort_step_row("onnxruntime CPU step, 1 thread, 5 tokens per bin", step_modality_onnx, cfg,
-                          threads=1, note="the paper's one token per modality, for information"),
-            _ort_step_row(INT8, step_int8_onnx, cfg, threads=1,
-                          note="int8 MatMul weights (neds-rt export --quantize int8); decodes differ"),
-            _ort_step_row(INT4, step_int4_onnx, cfg, threads=1,
-                          note="4-bit weights in blocks of 32 (neds-rt export --quantize int4); decodes "
-                               "differ"),
-        ]
-        for row in rows[-3:]:
-            row.same_model = False
-        if cfg.paced_steps:
-            pace = f"one call per {cfg.pace_s * 1e3:g} ms, as served"
-            rows.append(_ort_step_row(PACED, step_onnx, cfg, threads=1, note=pace, paced=True))
-            for name, path in ((INT8_PACED, step_int8_onnx), (INT4_PACED, step_int4_onnx)):
-                rows.append(_ort_step_row(name, path, cfg, threads=1, note=pace, paced=True))
-                rows[-1].same_model = False
-            if cfg.prewarm_ms > 0:
-                warm = f"{pace}, after a throwaway run {cfg.prewarm_ms:g} ms before (serve --prewarm-ms)"
-                for name, path in ((PREWARMED, step_onnx), (INT4_PREWARMED, step_int4_onnx)):
-                    rows.append(_ort_step_row(name, path, cfg, threads=1, note=warm, paced=True,
-                                              prewarm_s=cfg.prewarm_ms / 1e3))
-                rows[-1].same_model = False
-        if cfg.cpu_batch > 0:
-            rows.append(_ort_step_row(f"onnxruntime CPU step, batch {cfg.cpu_batch}", step_onnx, cfg,
-                                      threads=1, batch=cfg.cpu_batch,
-                                      note=f"{cfg.cpu_batch} streams per call, for information"))
-        skipped: list[dict[str, str]] = []
-        cuda_rows = ["onnxruntime CUDA step", "TorchScript CUDA step",
-                     *(f"onnxruntime CUDA step, batch {b}" for b in cfg.cuda_batches)]
-        if cuda_ok:
-            rows.append(_ort_step_row("onnxruntime CUDA step", step_onnx, cfg, threads=1, device="cuda"))
-            if torch.cuda.is_available():
-                rows.append(_torchscript_row("TorchScript CUDA step", step_ts, cfg, device="cuda"))
-            else:
-                skipped.append({"row": "TorchScript CUDA step", "reason": "this torch build has no CUDA"})
-            for b in cfg.cuda_batches:
-                rows.append(_ort_step_row(f"onnxruntime CUDA step, batch {b}", step_onnx, cfg, threads=1,
-                                          batch=b, device="cuda", note=f"{b} streams per call"))
-        else:
-            skipped += [{"row": name, "reason": cuda_reason} for name in cuda_rows]
+        cuda_reason = _cuda_status()[1]
+        rows: list[_Row] = [_ort_step_row(PRIMARY, step_onnx, cfg, threads=1),
+                            _eager_step_row(stream_model, cfg)]
+        if cfg.rows == "all":
+            rows += _cpu_rows(cfg, step_onnx, step_ts, step_modality_onnx, step_int8_onnx, step_int4_onnx)
+        cuda, skipped = _cuda_rows(cfg, step_onnx, step_ts)
+        rows += cuda
         rows.append(_naive_ort_row(BASELINE, window_onnx, cfg, threads=1))
         if cfg.eager_baseline:
             rows.append(_naive_eager_row(offline_model, cfg))
@@ -456,7 +498,7 @@ def _result(cfg: InferenceBenchConfig, rows: list[_Row], skipped: list[dict[str,
             "max_abs_diff_vs_eager": parity, "max_abs_diff_vs_float32": vs_fp32, "note": r.note,
         })
     primary = next(t for t in table if t["row"] == PRIMARY)
-    quantized = {scheme: next(t for t in table if t["row"] == name) for name, scheme in QUANTIZED.items()}
+    quantized = {scheme: row for name, scheme in QUANTIZED.items() for row in table if row["row"] == name}
     sizes = asdict(NEDSConfig(mode="streaming", dropout=0.0, n_bins=cfg.context, **cfg.sizes()))  # type: ignore[arg-type]
     return {
         "parameters": asdict(cfg) | {"bin_size_s": 0.02, "session": EID},
@@ -514,6 +556,8 @@ def _print(result: dict[str, Any]) -> None:
               f"{'met' if t['p99_met'] else 'NOT met'}; {t['speedup_p50']:.1f}x the naive recompute at p50 "
               f"vs >= {t['target_speedup']:.0f}x: {'met' if t['speedup_met'] else 'NOT met'}", markup=False)
     for name, scheme in QUANTIZED.items():
+        if f"{scheme}_p99_ms" not in t:
+            continue
         within = "within" if t[f"{scheme}_p99_met"] else "over"
         con.print(f"{scheme} weights ({name}): p99 {t[f'{scheme}_p99_ms']:.3f} ms ({within} "
                   f"{t['target_p99_ms']} ms); decodes differ from float32 by up to "

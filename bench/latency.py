@@ -53,6 +53,8 @@ class LatencyBenchConfig:
     speed: float = 1.0
     start: float | None = None  # session seconds; default: the first trial's start
     engines: tuple[str, ...] = ("onnx",)
+    device: str = "cpu"  # serve's --device (the offline reference decodes run on the CPU)
+    cuda_graph: bool = False  # serve's --cuda-graph, for the onnx engine
     probe: str | None = None
     grace_ms: float = 5.0
     threads: int = 1
@@ -71,6 +73,10 @@ class LatencyBenchConfig:
         for e in self.engines:
             if e not in ("onnx", "torchscript"):
                 raise invalid("--engines", "must list onnx and/or torchscript", e, kind=ConfigError)
+        if self.device not in ("cpu", "cuda"):
+            raise invalid("--device", "must be cpu or cuda", self.device, kind=ConfigError)
+        if self.cuda_graph and self.device != "cuda":
+            raise invalid("--cuda-graph", "needs --device cuda", self.device, kind=ConfigError)
 
 
 class _Client:
@@ -190,10 +196,11 @@ def _one_run(data: Path, session: str, model: Path, engine: str, cfg: LatencyBen
                                         out / f"{engine}_replay.json")
     for p in (log_csv, serve_json, replay_json):
         p.unlink(missing_ok=True)
-    serve = _spawn(["serve", "--model", str(model), "--engine", engine, "--stream", name, "--out-stream",
-                    dec_name, "--log", str(log_csv), "--summary-json", str(serve_json), "--grace",
-                    str(cfg.grace_ms), "--threads", str(cfg.threads), "--lsl-scope", "machine",
+    serve = _spawn(["serve", "--model", str(model), "--engine", engine, "--device", cfg.device, "--stream",
+                    name, "--out-stream", dec_name, "--log", str(log_csv), "--summary-json", str(serve_json),
+                    "--grace", str(cfg.grace_ms), "--threads", str(cfg.threads), "--lsl-scope", "machine",
                     "--status-every", "5", "--resolve-timeout", "180", "--prewarm-ms", str(cfg.prewarm_ms),
+                    *(["--cuda-graph"] if cfg.cuda_graph and engine == "onnx" else []),
                     *_realtime_args(cfg, split, "serve")],
                    None if cfg.show_serve else out / f"{engine}_serve.log")
     client = _Client(dec_name, name)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from neds_rt.errors import NedsRtError
+from neds_rt.errors import NedsRtError, invalid
 
 app = typer.Typer(
     name="neds-rt",
@@ -173,6 +173,8 @@ def serve(
     = "spikes",
     engine: Annotated[str, typer.Option(help="onnx or torchscript.")] = "onnx",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    cuda_graph: Annotated[bool, typer.Option(
+        "--cuda-graph", help="onnxruntime on CUDA: replay each step as one CUDA graph.")] = False,
     zmq_in: Annotated[str | None, typer.Option(help="Read spikes from this ZMQ PUB (connect), not LSL.")]
     = None,
     zmq_out: Annotated[str | None, typer.Option(help="Also publish decodes on this ZMQ url (bind).")] = None,
@@ -221,7 +223,7 @@ def serve(
         scope.configure(lsl_scope)  # before any LSL call
         log_path = log if log is not None else Path(f"decodes_{time.strftime('%Y%m%d_%H%M%S')}.csv")
         cfg = ServeConfig(model=model, stream=stream, engine=engine, device=device, threads=threads,
-                          kind=kind,
+                          kind=kind, cuda_graph=cuda_graph,
                           zmq_in=zmq_in, zmq_out=zmq_out, out_stream=out_stream, log_path=log_path,
                           grace_ms=grace, duration_s=duration, clock=clock, t0=t0, stall_s=stall,
                           status_s=status_every, resolve_timeout_s=resolve_timeout, realtime=realtime,
@@ -320,6 +322,9 @@ def bench_latency(
     speed: Annotated[float, typer.Option(help="Replay speed (1 = real time).")] = 1.0,
     start: Annotated[float | None, typer.Option(help="Session second to start at.")] = None,
     engines: Annotated[str, typer.Option(help="Comma-separated: onnx,torchscript.")] = "onnx",
+    device: Annotated[str, typer.Option(help="Serve's --device: cpu or cuda.")] = "cpu",
+    cuda_graph: Annotated[bool, typer.Option(
+        "--cuda-graph", help="Serve's --cuda-graph (the onnx engine on CUDA).")] = False,
     torchscript_model: Annotated[Path | None, typer.Option(help="TorchScript file for the torchscript "
                                                                 "engine (default: MODEL with .pt).")] = None,
     probe: Annotated[str | None, typer.Option(help="Probe to replay (default: the first).")] = None,
@@ -339,7 +344,8 @@ def bench_latency(
     lsl_scope.configure("machine")
     cfg = LatencyBenchConfig(duration=duration, speed=speed, start=start, probe=probe, grace_ms=grace,
                              engines=tuple(e.strip() for e in engines.split(",") if e.strip()),
-                             realtime=realtime, pin=pin, prewarm_ms=prewarm_ms)
+                             device=device, cuda_graph=cuda_graph, realtime=realtime, pin=pin,
+                             prewarm_ms=prewarm_ms)
     try:
         models = {e: (torchscript_model or model.with_suffix(".pt")) if e == "torchscript" else model
                   for e in cfg.engines}
@@ -378,6 +384,10 @@ def bench_inference(
     rate: Annotated[float, typer.Option(help="Mean firing rate, Hz.")] = 7.0,
     cpu_batch: Annotated[int, typer.Option(help="Streams per call of the batched CPU row (0: none).")] = 8,
     eager_baseline: Annotated[bool, typer.Option(help="Also time the naive recompute in eager.")] = True,
+    rows: Annotated[str, typer.Option(help="all, or cuda: only the CUDA rows and the reference rows "
+                                           "(1-thread CPU step, eager, naive baseline).")] = "all",
+    cuda_batches: Annotated[str, typer.Option(help="Streams per call of the batched CUDA rows, e.g. 8,32.")]
+    = "8,32",
     hidden: Annotated[int | None, typer.Option(help="Model width (default: NEDSConfig's 256).")] = None,
     heads: Annotated[int | None, typer.Option(help="Attention heads (default 8).")] = None,
     mlp: Annotated[int | None, typer.Option(help="MLP width (default 512).")] = None,
@@ -390,9 +400,14 @@ def bench_inference(
 
     given = {k: v for k, v in dict(steps=steps, warmup=warmup, baseline_steps=baseline_steps,
                                    rounds=rounds, paced_steps=paced_steps).items() if v is not None}
+    try:
+        batches = tuple(int(b) for b in cuda_batches.split(",") if b.strip())
+    except ValueError:
+        raise _fail(invalid("--cuda-batches", "must be integers separated by commas", cuda_batches)) from None
     fields: dict[str, Any] = dict(n_units=units, context=context, rate_hz=rate, cpu_batch=cpu_batch,
-                                  eager_baseline=eager_baseline, hidden=hidden, heads=heads, mlp=mlp,
-                                  layers=layers) | given
+                                  cuda_batches=batches,
+                                  eager_baseline=eager_baseline, rows=rows, hidden=hidden, heads=heads,
+                                  mlp=mlp, layers=layers) | given
     try:
         cfg = InferenceBenchConfig.quick(**fields) if quick else InferenceBenchConfig(**fields)
         run_inference_bench(out, cfg)

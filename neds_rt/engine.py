@@ -13,7 +13,9 @@ Step-graph contract (ONNX and TorchScript alike; L layers, M = 5 tokens per bin,
 
 The ring is preallocated and never shifted, so a step reads the cache once and writes M slots per layer.
 onnxruntime uses the CUDA provider when present and asked for, else the CPU provider; TorchScript runs on
-CPU or CUDA. Torch is imported only by the TorchScript engine.
+CPU or CUDA. On the CUDA provider the rings, inputs and outputs stay on the GPU in torch tensors bound once
+(onnxruntime I/O binding on torch's stream), and the ring write is a device copy; without torch the CUDA
+provider is fed host arrays per call. Torch is imported only by the TorchScript engine and that CUDA path.
 """
 
 from __future__ import annotations
@@ -145,15 +147,22 @@ class OnnxStepEngine:
     """
 
     def __init__(self, path: Path, device: str = "cpu", threads: int = 1, batch: int = 1,
-                 spinning: bool = False) -> None:
+                 spinning: bool = False, cuda_graph: bool = False, bind: str | None = None) -> None:
         import onnxruntime as ort
 
         _check_file(path)
         opts = ort_session_options(threads, spinning=spinning)
-        providers = ["CPUExecutionProvider"]
+        providers: list[Any] = ["CPUExecutionProvider"]
+        torch_cuda = device == "cuda" and _torch_cuda()
+        self._stream: Any = None  # the torch CUDA stream that onnxruntime computes on (torch-bound state)
         if device == "cuda":
             if "CUDAExecutionProvider" in ort.get_available_providers():
-                providers.insert(0, "CUDAExecutionProvider")
+                if torch_cuda:
+                    import torch
+
+                    self._stream = torch.cuda.Stream()  # a stream of its own: CUDA graphs cannot capture
+                    # the legacy default stream
+                providers.insert(0, ("CUDAExecutionProvider", _cuda_options(self._stream, cuda_graph)))
             else:
                 log.warning("CUDA execution provider not available; %s runs on the CPU", path)
         try:
@@ -175,7 +184,20 @@ class OnnxStepEngine:
         self.batch = batch
         self._ring = _Ring(self.meta, batch, per_bin)
         self.log_rates: np.ndarray = np.zeros((batch, self.meta.n_units), np.float32)  # (B, N), last step
-        self._binding: Any = self._bind() if self.providers[0] == "CPUExecutionProvider" else None
+        on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        if cuda_graph and not (on_cuda and torch_cuda):
+            raise invalid("cuda_graph", "needs onnxruntime's CUDA provider and torch with CUDA",
+                          self.providers, kind=ConfigError)
+        # where the bound buffers live: numpy on the CPU provider, torch on the GPU, or none (per-call feeds);
+        # ``bind="torch-cpu"`` binds torch CPU tensors on the CPU provider, so the device path runs anywhere
+        self.bind = bind or ("numpy" if not on_cuda else "torch-cuda" if torch_cuda else "feeds")
+        self._binding: Any = None
+        if self.bind == "numpy":
+            self._binding = self._bind()
+        elif self.bind in ("torch-cuda", "torch-cpu"):
+            self._binding = self._bind_torch("cuda" if self.bind == "torch-cuda" else "cpu")
+        elif self.bind != "feeds":
+            raise invalid("bind", "must be numpy, torch-cuda, torch-cpu or feeds", bind, kind=ConfigError)
 
     def _bind(self) -> Any:
         """Bind every input to an engine-owned buffer and every output to a preallocated array."""
@@ -198,18 +220,61 @@ class OnnxStepEngine:
             binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         return binding
 
+    def _bind_torch(self, device: str) -> Any:
+        """Bind every input and output to a torch tensor on ``device`` (the GPU, or the CPU in tests): the
+        rings never leave the device; a step copies in the counts and rotary tables, copies out the decodes
+        and log-rates, and writes the newest keys/values into their ring slot with a device copy."""
+        import torch
+
+        ring, meta, b = self._ring, self.meta, self.batch
+        dev = torch.device(device)
+        self._t = torch
+        with self._on_stream():
+            return self._alloc_and_bind(torch, dev, ring, meta, b)
+
+    def _on_stream(self) -> Any:
+        """torch's context for the engine's CUDA stream (a no-op for the CPU-bound test path)."""
+        import contextlib
+
+        return self._t.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+
+    def _alloc_and_bind(self, torch: Any, dev: Any, ring: _Ring, meta: ModelMeta, b: int) -> Any:
+        self._t_kv = [torch.zeros(a.shape, dtype=torch.float32, device=dev) for a in ring.kv]  # (B, H, S, Dh)
+        self._t_bias = torch.full(ring.key_bias.shape, float("-inf"), device=dev)  # (B, S)
+        self._t_x = torch.zeros((b, meta.n_units), device=dev)  # (B, N)
+        self._t_cos, self._t_sin = (torch.zeros(meta.head_dim, device=dev) for _ in range(2))  # (Dh,) each
+        new_kv = (b, meta.n_heads, ring.per_bin, meta.head_dim)  # (B, H, K, Dh)
+        self._t_outs = [torch.zeros((b, len(meta.outputs)), device=dev),  # (B, n_out)
+                        torch.zeros((b, meta.n_units), device=dev),  # (B, N)
+                        *(torch.zeros(new_kv, device=dev) for _ in ring.kv)]
+        kind, index = dev.type, dev.index or 0
+        binding = self._sess.io_binding()
+        ins = [self._t_x, self._t_bias, self._t_cos, self._t_sin, *self._t_kv]
+        for name, t in zip(self._names_in, ins, strict=True):
+            binding.bind_input(name, kind, index, np.float32, list(t.shape), t.data_ptr())
+        for name, t in zip(self._names_out, self._t_outs, strict=True):
+            binding.bind_output(name, kind, index, np.float32, list(t.shape), t.data_ptr())
+        return binding
+
     @property
     def next_bin(self) -> int:
         return self._ring.next_bin
 
     def reset(self) -> None:
         self._ring.reset()  # in place: the bound ring buffers stay the same arrays
+        if self.bind.startswith("torch"):
+            with self._on_stream():
+                for t in self._t_kv:
+                    t.zero_()
+                self._t_bias.fill_(float("-inf"))
 
     def step(self, counts: np.ndarray) -> np.ndarray:
         """(B, N) counts of the newest bin -> (B, n_out) decodes; the state advances by one bin."""
         x = _check_counts(counts, self.meta, self.batch)
         ring = self._ring
         cos, sin = ring.tables()
+        if self.bind.startswith("torch"):
+            return self._step_torch(x, cos, sin)
         if self._binding is not None:
             self._x[...] = x
             self._cos[...] = cos
@@ -224,11 +289,35 @@ class OnnxStepEngine:
         self.log_rates = outs[1]
         return np.asarray(outs[0])
 
+    def _step_torch(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        with self._on_stream():
+            return self._step_on_stream(x, cos, sin)
+
+    def _step_on_stream(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        torch, ring = self._t, self._ring
+        self._t_x.copy_(torch.from_numpy(x))
+        self._t_cos.copy_(torch.from_numpy(cos))
+        self._t_sin.copy_(torch.from_numpy(sin))
+        self._sess.run_with_iobinding(self._binding)
+        decodes, log_rates, *new_kv = self._t_outs
+        if ring.ring_bins > 0:
+            lo = (ring.next_bin % ring.ring_bins) * ring.per_bin
+            for cache, new in zip(self._t_kv, new_kv, strict=True):
+                cache[:, :, lo:lo + ring.per_bin].copy_(new)
+            self._t_bias[:, lo:lo + ring.per_bin] = 0.0
+        ring.next_bin += 1
+        # copies the caller keeps; waiting for them waits for the stream, so the ring write is done too
+        self.log_rates = log_rates.to("cpu", copy=True).numpy()
+        return np.asarray(decodes.to("cpu", copy=True).numpy())
+
     def prewarm(self) -> None:
         """Run the graph once more on the current state, and throw the outputs away: the state does not move,
         and the next :meth:`step` finds the weights, the state and the kernels' code in cache (serve calls
         it shortly before a bin closes; see ``ServeConfig.prewarm_ms``). The bound CPU path reuses the last
-        counts; the per-call path (CUDA provider) feeds zero counts."""
+        counts; the per-call path (CUDA provider without torch) feeds zero counts. With the state on the GPU
+        (torch-bound) there is no host cache to warm, and it does nothing."""
+        if self.bind.startswith("torch"):
+            return
         if self._binding is not None:
             self._sess.run_with_iobinding(self._warm_binding)
             return
@@ -240,6 +329,27 @@ class OnnxStepEngine:
         (bound once on the CPU provider, passed per call on the CUDA provider)."""
         ring = self._ring
         return dict(zip(self._names_in, [x, ring.key_bias, cos, sin, *ring.kv], strict=True))
+
+
+def _torch_cuda() -> bool:
+    """torch is installed and sees a GPU (the CUDA provider then keeps the state in torch tensors)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _cuda_options(stream: Any, cuda_graph: bool) -> dict[str, str]:
+    """CUDA provider options: full float32 matmuls (no TF32, so decodes match the CPU within 1e-4), the
+    engine's torch stream as onnxruntime's compute stream when torch holds the state (one stream orders the
+    ring write before the next step), and CUDA graph replay when asked for."""
+    opts = {"device_id": "0", "use_tf32": "0"}
+    if stream is not None:
+        opts |= {"has_user_compute_stream": "1", "user_compute_stream": str(stream.cuda_stream)}
+    if cuda_graph:
+        opts["enable_cuda_graph"] = "1"
+    return opts
 
 
 class TorchScriptStepEngine:
@@ -314,7 +424,7 @@ class TorchScriptStepEngine:
 
 
 def open_engine(path: Path, engine: str = "onnx", device: str = "cpu", threads: int = 1,
-                batch: int = 1) -> OnnxStepEngine | TorchScriptStepEngine:
+                batch: int = 1, cuda_graph: bool = False) -> OnnxStepEngine | TorchScriptStepEngine:
     """Open an exported step graph with the chosen engine."""
     if engine not in ENGINES:
         raise invalid("--engine", f"must be one of {ENGINES}", engine)
@@ -322,6 +432,9 @@ def open_engine(path: Path, engine: str = "onnx", device: str = "cpu", threads: 
         raise invalid("--device", f"must be one of {DEVICES}", device)
     if threads < 1:
         raise invalid("threads", "must be >= 1", threads, kind=ConfigError)
-    cls: Any = OnnxStepEngine if engine == "onnx" else TorchScriptStepEngine
-    eng: OnnxStepEngine | TorchScriptStepEngine = cls(Path(path), device=device, threads=threads, batch=batch)
-    return eng
+    if engine == "onnx":
+        return OnnxStepEngine(Path(path), device=device, threads=threads, batch=batch, cuda_graph=cuda_graph)
+    if cuda_graph:
+        raise invalid("cuda_graph", "is an onnxruntime CUDA option; TorchScript does not take it", engine,
+                      kind=ConfigError)
+    return TorchScriptStepEngine(Path(path), device=device, threads=threads, batch=batch)

@@ -80,6 +80,7 @@ class ServeConfig:
     stream: str = "spikes"  # LSL stream name, or the ZMQ topic with zmq_in
     engine: str = "onnx"
     device: str = "cpu"
+    cuda_graph: bool = False  # onnxruntime on CUDA: replay each step as one CUDA graph (Engine docs)
     threads: int = 1
     kind: str = "auto"  # auto (LSL: by stream type; ZMQ: events), events, counts
     zmq_in: str | None = None  # connect a SUB here instead of resolving an LSL stream
@@ -183,6 +184,8 @@ class Server:
         if not 0 <= cfg.prewarm_ms < 1e3 * _MAX_PREWARM_S:
             raise invalid("--prewarm-ms", f"must be >= 0 ms and below {1e3 * _MAX_PREWARM_S:g} ms",
                           cfg.prewarm_ms, "pass e.g. --prewarm-ms 3, or 0 to turn it off")
+        if cfg.cuda_graph and (cfg.engine, cfg.device) != ("onnx", "cuda"):
+            raise invalid("--cuda-graph", "needs --engine onnx --device cuda", (cfg.engine, cfg.device))
         self.cfg = cfg
         self.clock = StreamClock(cfg.clock)
         self.rejected: deque[RejectedEvents] = deque(maxlen=cfg.keep_rejected)
@@ -230,7 +233,8 @@ class Server:
         from neds_rt.engine import open_engine
 
         cfg = self.cfg
-        self.engine = open_engine(cfg.model, engine=cfg.engine, device=cfg.device, threads=cfg.threads)
+        self.engine = open_engine(cfg.model, engine=cfg.engine, device=cfg.device, threads=cfg.threads,
+                                  cuda_graph=cfg.cuda_graph)
         meta = self.engine.meta
         self.bin_size = float(meta.bin_size)
         self.n_units = meta.n_units

@@ -46,7 +46,8 @@ STEP_ROWS = {PRIMARY, "onnxruntime CPU step, 2 threads", "onnxruntime CPU step, 
              PREWARMED, INT4_PREWARMED}
 PACED_ROWS = {PACED, INT8_PACED, INT4_PACED, PREWARMED, INT4_PREWARMED}
 NAIVE_ROWS = {BASELINE, "naive: offline window recompute, torch eager"}
-CUDA_ROWS = {"onnxruntime CUDA step", "TorchScript CUDA step", "onnxruntime CUDA step, batch 2"}
+CUDA_ROWS = {"onnxruntime CUDA step", "onnxruntime CUDA step, CUDA graph", "onnxruntime CUDA step, batch 2",
+             "TorchScript CUDA step", "TorchScript CUDA step, batch 2"}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,20 @@ def test_step_rows_decode_like_torch_eager(tiny_run: tuple[Path, dict[str, Any]]
     assert all(r["max_abs_diff_vs_float32"] is None for r in result["rows"] if r["row"] not in QUANTIZED)
 
 
+def test_cuda_rows_mode_keeps_only_the_gpu_and_reference_rows(tmp_path: Path) -> None:
+    result = run_inference_bench(tmp_path, InferenceBenchConfig(**(TINY | dict(rows="cuda"))))
+    names = {r["row"] for r in result["rows"]}
+    skipped = {s["row"] for s in result["skipped"]}
+    assert {PRIMARY, "torch eager step", *NAIVE_ROWS} <= names
+    assert names <= {PRIMARY, "torch eager step", *NAIVE_ROWS, *CUDA_ROWS}
+    assert CUDA_ROWS <= names | skipped and not (names & skipped)
+    cuda_ran = [r for r in result["rows"] if r["device"] == "cuda"]
+    for r in cuda_ran:  # where a GPU is lent: B = 1 rows decode like eager, batched rows time B streams
+        assert r["batch"] > 1 or r["max_abs_diff_vs_eager"] < 1e-4, r
+    assert not any(k.startswith(("int8", "int4", "paced")) for k in result["targets"])
+    assert not (tmp_path / "models" / "step_int4.onnx").exists()
+
+
 def test_paced_rows_call_once_per_tick() -> None:
     calls: list[float] = []
     row = _Row("paced", "fake", "step", "cpu", 1, 1, 5, lambda x: calls.append(time.perf_counter()),
@@ -144,7 +159,8 @@ def test_spike_counts_have_the_asked_rate() -> None:
                                  dict(context=1), dict(rate_hz=float("nan")), dict(rate_hz=0.0),
                                  dict(n_units=0), dict(cpu_batch=-1), dict(cuda_batches=(0,)),
                                  dict(steps=3, rounds=4), dict(paced_steps=-1), dict(paced_steps=1),
-                                 dict(pace_s=0.0), dict(prewarm_ms=-1.0), dict(prewarm_ms=5.0)])
+                                 dict(pace_s=0.0), dict(prewarm_ms=-1.0), dict(prewarm_ms=5.0),
+                                 dict(rows="gpu")])
 def test_bad_configs_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="bench inference"):
         InferenceBenchConfig(**(TINY | bad))

@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from neds_rt.errors import ConfigError
+from tests._gpu import needs_ort_cuda
+
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
@@ -36,11 +39,13 @@ def cache_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str
     return root / "one", eid, root / "step.onnx"
 
 
-def test_short_run_writes_a_complete_result(cache_and_model: tuple[Path, str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_ort_cuda)])
+def test_short_run_writes_a_complete_result(cache_and_model: tuple[Path, str, Path], tmp_path: Path,
+                                            device: str) -> None:
     from bench.latency import STAGES, LatencyBenchConfig, run_latency_bench
 
     data, eid, model = cache_and_model
-    cfg = LatencyBenchConfig(duration=8.0, speed=2.0, start=5.0, settle_s=1.0)
+    cfg = LatencyBenchConfig(duration=8.0, speed=2.0, start=5.0, settle_s=1.0, device=device)
     result = run_latency_bench(data, eid, model, tmp_path / "out", cfg)
     doc = json.loads((tmp_path / "out" / "latency.json").read_text())
     assert doc["session"] == eid and len(doc["runs"]) == 1
@@ -61,7 +66,7 @@ def test_short_run_writes_a_complete_result(cache_and_model: tuple[Path, str, Pa
     # live decodes equal an offline recompute of the same bins less the spikes serve got too late
     served = q["as_served"]
     assert served["late_spikes_dropped"] == c.get("serve_late", 0)  # counters appear once non-zero
-    assert served["max_abs_decode_difference"] < 1e-4, served
+    assert served["max_abs_decode_difference"] < 1e-4, served  # on CUDA too: the reference runs on the CPU
     assert served["bins_equal_1e-4"] == c["bins_logged"]
     assert math.isfinite(q["max_abs_decode_difference"])  # against all spikes: late ones make it differ
     assert (tmp_path / "out" / "latency.png").stat().st_size > 10_000
@@ -110,3 +115,12 @@ def test_realtime_and_pinning_are_separate_choices(realtime: bool, pin: bool) ->
     assert ("--realtime" in serve) is realtime and ("--realtime" in replay) is realtime
     assert (serve[-2:] == ["--cpus", "1"]) if pin else ("--cpus" not in serve)
     assert (replay[-2:] == ["--cpus", "0"]) if pin else ("--cpus" not in replay)
+
+
+def test_bad_device_is_refused() -> None:
+    from bench.latency import LatencyBenchConfig
+
+    with pytest.raises(ConfigError, match="--device"):
+        LatencyBenchConfig(device="tpu").check()
+    with pytest.raises(ConfigError, match="--cuda-graph"):
+        LatencyBenchConfig(cuda_graph=True).check()

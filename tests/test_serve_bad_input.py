@@ -93,6 +93,12 @@ def test_prewarm_outside_zero_to_15_ms_is_refused(model: Path, prewarm_ms: float
         Server(ServeConfig(model, prewarm_ms=prewarm_ms))
 
 
+@pytest.mark.parametrize(("engine", "device"), [("onnx", "cpu"), ("torchscript", "cuda")])
+def test_cuda_graph_off_the_onnx_cuda_engine_is_refused(model: Path, engine: str, device: str) -> None:
+    with pytest.raises(NedsRtError, match=r"--cuda-graph.*needs --engine onnx --device cuda"):
+        Server(ServeConfig(model, engine=engine, device=device, cuda_graph=True))
+
+
 def test_cli_prewarm_defaults_are_serves() -> None:
     import inspect
 
