@@ -14,8 +14,9 @@ Step-graph contract (ONNX and TorchScript alike; L layers, M = 5 tokens per bin,
 The ring is preallocated and never shifted, so a step reads the cache once and writes M slots per layer.
 onnxruntime uses the CUDA provider when present and asked for, else the CPU provider; TorchScript runs on
 CPU or CUDA. On the CUDA provider the rings, inputs and outputs stay on the GPU in torch tensors bound once
-(onnxruntime I/O binding on torch's stream), and the ring write is a device copy; without torch the CUDA
-provider is fed host arrays per call. Torch is imported only by the TorchScript engine and that CUDA path.
+(onnxruntime I/O binding on a CUDA stream of the engine's own), and the ring write is a device copy;
+without torch the CUDA provider is fed host arrays per call. Torch is imported only by the TorchScript
+engine and that CUDA path.
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ class OnnxStepEngine:
         # ``bind="torch-cpu"`` binds torch CPU tensors on the CPU provider, so the device path runs anywhere
         self.bind = bind or ("numpy" if not on_cuda else "torch-cuda" if torch_cuda else "feeds")
         self._binding: Any = None
+        self._zeros: np.ndarray | None = None  # the per-call path's prewarm counts, made once
         if self.bind == "numpy":
             self._binding = self._bind()
         elif self.bind in ("torch-cuda", "torch-cpu"):
@@ -321,8 +323,9 @@ class OnnxStepEngine:
         if self._binding is not None:
             self._sess.run_with_iobinding(self._warm_binding)
             return
-        x = np.zeros((self.batch, self.meta.n_units), dtype=np.float32)  # (B, N)
-        self._sess.run(self._names_out, self._feeds(x, *self._ring.tables()))
+        if self._zeros is None:
+            self._zeros = np.zeros((self.batch, self.meta.n_units), dtype=np.float32)  # (B, N), kept
+        self._sess.run(self._names_out, self._feeds(self._zeros, *self._ring.tables()))
 
     def _feeds(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> dict[str, np.ndarray]:
         """The graph's inputs by name: counts ``x``, the key bias, the rotary tables and the key/value rings
@@ -381,6 +384,7 @@ class TorchScriptStepEngine:
         self._ring = _Ring(self.meta, batch, per_bin)
         self._kv = [torch.from_numpy(a).to(self._device) for a in self._ring.kv]
         self._bias = torch.from_numpy(self._ring.key_bias).to(self._device)
+        self._zeros = torch.zeros((batch, self.meta.n_units), device=self._device)  # (B, N) prewarm counts
         self.log_rates = np.zeros((batch, self.meta.n_units), dtype=np.float32)
 
     @property
@@ -413,9 +417,8 @@ class TorchScriptStepEngine:
         """Run the module once on the current state with zero counts and throw the outputs away (the state
         does not move; the next :meth:`step` finds the weights and state in cache)."""
         torch = self._torch
-        x = torch.zeros((self.batch, self.meta.n_units), dtype=torch.float32, device=self._device)  # (B, N)
         with torch.inference_mode():
-            self._module(x, self._bias, *self._tables(), *self._kv)
+            self._module(self._zeros, self._bias, *self._tables(), *self._kv)
 
     def _tables(self) -> tuple[Any, Any]:
         """The rotary (cos, sin) tables of the next bin, on the engine's device."""
