@@ -215,32 +215,32 @@ def _torchscript_row(name: str, path: Path, cfg: InferenceBenchConfig, device: s
     return _Row(name, "torchscript", "step", device, 1, batch, cfg.steps, eng.step, note)
 
 
-def _cuda_rows(cfg: InferenceBenchConfig, step_onnx: Path, step_ts: Path
+def _cuda_rows(cfg: InferenceBenchConfig, step_onnx: Path, step_ts: Path, cuda: tuple[bool, str]
                ) -> tuple[list[_Row], list[dict[str, str]]]:
     """onnxruntime CUDA (B = 1, B = 1 with CUDA graph replay, batched) and TorchScript CUDA (B = 1, batched)
-    rows; a row that cannot be built (no provider, no torch CUDA, a failed graph capture) is skipped with its
-    reason rather than ending the run."""
+    rows; ``cuda`` is :func:`_cuda_status`. A row that cannot be built (no driver, no provider, no torch CUDA,
+    a failed graph capture) is skipped with its reason rather than ending the run."""
     import onnxruntime as ort
     import torch
 
-    ok, reason = _cuda_status()
+    ok, reason = cuda
     ort_reason = ("" if "CUDAExecutionProvider" in ort.get_available_providers()
                   else "onnxruntime was built without the CUDA execution provider")
     torch_reason = "" if torch.cuda.is_available() else "this torch build sees no CUDA device"
-    plans: list[tuple[str, str, Callable[[], _Row]]] = [
-        ("onnxruntime CUDA step", ort_reason, lambda: _ort_step_row(
-            "onnxruntime CUDA step", step_onnx, cfg, 1, device="cuda", note="state bound on the GPU")),
-        ("onnxruntime CUDA step, CUDA graph", ort_reason, lambda: _ort_step_row(
-            "onnxruntime CUDA step, CUDA graph", step_onnx, cfg, 1, device="cuda", cuda_graph=True,
+    plans: list[tuple[str, str, Callable[[str], _Row]]] = [  # (row name, why not, build the named row)
+        ("onnxruntime CUDA step", ort_reason, lambda name: _ort_step_row(
+            name, step_onnx, cfg, 1, device="cuda", note="state bound on the GPU")),
+        ("onnxruntime CUDA step, CUDA graph", ort_reason, lambda name: _ort_step_row(
+            name, step_onnx, cfg, 1, device="cuda", cuda_graph=True,
             note="the step replayed as one CUDA graph")),
-        *((f"onnxruntime CUDA step, batch {b}", ort_reason, lambda b=b: _ort_step_row(
-            f"onnxruntime CUDA step, batch {b}", step_onnx, cfg, 1, batch=b, device="cuda",
-            note=f"{b} streams per call")) for b in cfg.cuda_batches),
-        ("TorchScript CUDA step", torch_reason, lambda: _torchscript_row(
-            "TorchScript CUDA step", step_ts, cfg, device="cuda")),
-        *((f"TorchScript CUDA step, batch {b}", torch_reason, lambda b=b: _torchscript_row(
-            f"TorchScript CUDA step, batch {b}", step_ts, cfg, device="cuda", batch=b,
-            note=f"{b} streams per call")) for b in cfg.cuda_batches),
+        *((f"onnxruntime CUDA step, batch {b}", ort_reason, lambda name, b=b: _ort_step_row(
+            name, step_onnx, cfg, 1, batch=b, device="cuda", note=f"{b} streams per call"))
+          for b in cfg.cuda_batches),
+        ("TorchScript CUDA step", torch_reason, lambda name: _torchscript_row(
+            name, step_ts, cfg, device="cuda")),
+        *((f"TorchScript CUDA step, batch {b}", torch_reason, lambda name, b=b: _torchscript_row(
+            name, step_ts, cfg, device="cuda", batch=b, note=f"{b} streams per call"))
+          for b in cfg.cuda_batches),
     ]
     rows: list[_Row] = []
     skipped: list[dict[str, str]] = []
@@ -250,7 +250,7 @@ def _cuda_rows(cfg: InferenceBenchConfig, step_onnx: Path, step_ts: Path
             skipped.append({"row": name, "reason": why})
             continue
         try:
-            rows.append(build())
+            rows.append(build(name))
         except Exception as err:  # a GPU row that fails to build is reported, not fatal
             log.warning("%s: %s", name, err)
             skipped.append({"row": name, "reason": f"failed to build: {str(err)[:300]}"})
@@ -426,12 +426,12 @@ def run_inference_bench(out: Path, cfg: InferenceBenchConfig | None = None) -> d
                              quantize=scheme)
         log.info("exported the graphs in %.1f s", time.perf_counter() - t)
 
-        cuda_reason = _cuda_status()[1]
+        cuda_status = _cuda_status()
         rows: list[_Row] = [_ort_step_row(PRIMARY, step_onnx, cfg, threads=1),
                             _eager_step_row(stream_model, cfg)]
         if cfg.rows == "all":
             rows += _cpu_rows(cfg, step_onnx, step_ts, step_modality_onnx, step_int8_onnx, step_int4_onnx)
-        cuda, skipped = _cuda_rows(cfg, step_onnx, step_ts)
+        cuda, skipped = _cuda_rows(cfg, step_onnx, step_ts, cuda_status)
         rows += cuda
         rows.append(_naive_ort_row(BASELINE, window_onnx, cfg, threads=1))
         if cfg.eager_baseline:
@@ -459,7 +459,7 @@ def run_inference_bench(out: Path, cfg: InferenceBenchConfig | None = None) -> d
             "step_graph_nodes": _graph_nodes(step_onnx),
             "window_graph_nodes": _graph_nodes(window_onnx),
         }, {"before": list(load_before), "after": list(load_after), "per_round_1m": round_load},
-            seconds, cuda_reason)
+            seconds, cuda_status[1])
     finally:
         torch.set_num_threads(torch_threads)
     write_json(out / "inference.json", result)

@@ -37,6 +37,7 @@ from typing import Any, Final
 import numpy as np
 
 from bench.report import console, latency_percentiles, machine_info, write_json
+from neds_rt.engine import DEVICES
 from neds_rt.errors import ConfigError, StreamError, invalid
 from neds_rt.realtime import CLIENT_PRIORITY, enter_realtime, parse_cpus
 from neds_rt.serve import PREWARM_MS
@@ -73,8 +74,8 @@ class LatencyBenchConfig:
         for e in self.engines:
             if e not in ("onnx", "torchscript"):
                 raise invalid("--engines", "must list onnx and/or torchscript", e, kind=ConfigError)
-        if self.device not in ("cpu", "cuda"):
-            raise invalid("--device", "must be cpu or cuda", self.device, kind=ConfigError)
+        if self.device not in DEVICES:
+            raise invalid("--device", f"must be one of {DEVICES}", self.device, kind=ConfigError)
         if self.cuda_graph and self.device != "cuda":
             raise invalid("--cuda-graph", "needs --device cuda", self.device, kind=ConfigError)
 

@@ -21,6 +21,7 @@ engine and that CUDA path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -232,23 +233,15 @@ class OnnxStepEngine:
         dev = torch.device(device)
         self._t = torch
         with self._on_stream():
-            return self._alloc_and_bind(torch, dev, ring, meta, b)
-
-    def _on_stream(self) -> Any:
-        """torch's context for the engine's CUDA stream (a no-op for the CPU-bound test path)."""
-        import contextlib
-
-        return self._t.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
-
-    def _alloc_and_bind(self, torch: Any, dev: Any, ring: _Ring, meta: ModelMeta, b: int) -> Any:
-        self._t_kv = [torch.zeros(a.shape, dtype=torch.float32, device=dev) for a in ring.kv]  # (B, H, S, Dh)
-        self._t_bias = torch.full(ring.key_bias.shape, float("-inf"), device=dev)  # (B, S)
-        self._t_x = torch.zeros((b, meta.n_units), device=dev)  # (B, N)
-        self._t_cos, self._t_sin = (torch.zeros(meta.head_dim, device=dev) for _ in range(2))  # (Dh,) each
-        new_kv = (b, meta.n_heads, ring.per_bin, meta.head_dim)  # (B, H, K, Dh)
-        self._t_outs = [torch.zeros((b, len(meta.outputs)), device=dev),  # (B, n_out)
-                        torch.zeros((b, meta.n_units), device=dev),  # (B, N)
-                        *(torch.zeros(new_kv, device=dev) for _ in ring.kv)]
+            self._t_kv = [torch.zeros(a.shape, dtype=torch.float32, device=dev)  # (B, H, S, Dh) each
+                          for a in ring.kv]
+            self._t_bias = torch.full(ring.key_bias.shape, float("-inf"), device=dev)  # (B, S)
+            self._t_x = torch.zeros((b, meta.n_units), device=dev)  # (B, N)
+            self._t_cos, self._t_sin = (torch.zeros(meta.head_dim, device=dev) for _ in range(2))  # (Dh,)
+            new_kv = (b, meta.n_heads, ring.per_bin, meta.head_dim)  # (B, H, K, Dh)
+            self._t_outs = [torch.zeros((b, len(meta.outputs)), device=dev),  # (B, n_out)
+                            torch.zeros((b, meta.n_units), device=dev),  # (B, N)
+                            *(torch.zeros(new_kv, device=dev) for _ in ring.kv)]
         kind, index = dev.type, dev.index or 0
         binding = self._sess.io_binding()
         ins = [self._t_x, self._t_bias, self._t_cos, self._t_sin, *self._t_kv]
@@ -257,6 +250,10 @@ class OnnxStepEngine:
         for name, t in zip(self._names_out, self._t_outs, strict=True):
             binding.bind_output(name, kind, index, np.float32, list(t.shape), t.data_ptr())
         return binding
+
+    def _on_stream(self) -> Any:
+        """torch's context for the engine's CUDA stream (a no-op for the CPU-bound test path)."""
+        return self._t.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
     @property
     def next_bin(self) -> int:
@@ -292,25 +289,22 @@ class OnnxStepEngine:
         return np.asarray(outs[0])
 
     def _step_torch(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        with self._on_stream():
-            return self._step_on_stream(x, cos, sin)
-
-    def _step_on_stream(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         torch, ring = self._t, self._ring
-        self._t_x.copy_(torch.from_numpy(x))
-        self._t_cos.copy_(torch.from_numpy(cos))
-        self._t_sin.copy_(torch.from_numpy(sin))
-        self._sess.run_with_iobinding(self._binding)
-        decodes, log_rates, *new_kv = self._t_outs
-        if ring.ring_bins > 0:
-            lo = (ring.next_bin % ring.ring_bins) * ring.per_bin
-            for cache, new in zip(self._t_kv, new_kv, strict=True):
-                cache[:, :, lo:lo + ring.per_bin].copy_(new)
-            self._t_bias[:, lo:lo + ring.per_bin] = 0.0
-        ring.next_bin += 1
-        # copies the caller keeps; waiting for them waits for the stream, so the ring write is done too
-        self.log_rates = log_rates.to("cpu", copy=True).numpy()
-        return np.asarray(decodes.to("cpu", copy=True).numpy())
+        with self._on_stream():
+            self._t_x.copy_(torch.from_numpy(x))
+            self._t_cos.copy_(torch.from_numpy(cos))
+            self._t_sin.copy_(torch.from_numpy(sin))
+            self._sess.run_with_iobinding(self._binding)
+            decodes, log_rates, *new_kv = self._t_outs
+            if ring.ring_bins > 0:
+                lo = (ring.next_bin % ring.ring_bins) * ring.per_bin
+                for cache, new in zip(self._t_kv, new_kv, strict=True):
+                    cache[:, :, lo:lo + ring.per_bin].copy_(new)
+                self._t_bias[:, lo:lo + ring.per_bin] = 0.0
+            ring.next_bin += 1
+            # copies the caller keeps; waiting for them waits for the stream, so the ring write is done too
+            self.log_rates = log_rates.to("cpu", copy=True).numpy()
+            return np.asarray(decodes.to("cpu", copy=True).numpy())
 
     def prewarm(self) -> None:
         """Run the graph once more on the current state, and throw the outputs away: the state does not move,
