@@ -145,8 +145,8 @@ def _has_ground_truth(data: Path, arr: TrialArrays) -> bool:
 # ---- NEDS ----------------------------------------------------------------------------------------------
 def _train_neds(arrays: Mapping[str, TrialArrays], out: Path, cfg: QualityConfig, epochs: int, *,
                 schemes: tuple[str, ...] | None = None, finetune_from: Path | None = None) -> NEDS:
-    """Train (or fine-tune) and return the VAL-best model (``best.pt``); with ``schemes`` (a unimodal
-    variant, whose VAL score would average in the heads it never trains) the last epoch's (``last.pt``)."""
+    """Train (or fine-tune) and return the VAL-best model (``best.pt``; a unimodal variant, drawing
+    ``schemes``, is scored on its own task: :func:`training.train.scored_metrics`)."""
     from training.checkpoint import load_checkpoint
     from training.config import SCHEMES, NEDSConfig, TrainConfig
     from training.train import train
@@ -155,7 +155,7 @@ def _train_neds(arrays: Mapping[str, TrialArrays], out: Path, cfg: QualityConfig
                        device=cfg.device, schemes=schemes or SCHEMES)
     model_cfg = None if finetune_from else NEDSConfig.preset(cfg.preset, n_sessions=len(arrays))
     train(dict(arrays), out, model_cfg, tcfg, finetune_from=finetune_from)
-    return load_checkpoint(out / ("last.pt" if schemes else "best.pt"))
+    return load_checkpoint(out / "best.pt")
 
 
 def neds_predict(

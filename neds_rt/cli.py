@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from neds_rt.errors import NedsRtError, invalid
+from training.config import SPIKE_WEIGHT
 
 app = typer.Typer(
     name="neds-rt",
@@ -87,6 +88,9 @@ def train(
              "streaming, modality offline).")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Trials per step per process.")] = 16,
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 1e-3,
+    spike_weight: Annotated[float, typer.Option(
+        help="Weight of the spike loss (Poisson NLL per neuron and bin) against the behaviour losses.")
+    ] = SPIKE_WEIGHT,
     mask_ratio: Annotated[float | None, typer.Option(
         help="Fraction of bins the within-modality and cross-modal masks hide. Default 0.3, or the "
              "checkpoint's when fine-tuning.")] = None,
@@ -125,7 +129,7 @@ def train(
         if finetune_from is None and not resume:
             model_cfg = NEDSConfig.preset(preset, n_sessions=len(arrays), mode=mode, tokens=tokens)
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps,
-                           device=device, progress=progress)
+                           device=device, progress=progress, spike_weight=spike_weight)
         result = run_training(arrays, out, model_cfg, tcfg, finetune_from=finetune_from,
                               mask_ratio=mask_ratio, resume=resume)
     except NedsRtError as err:

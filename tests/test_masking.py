@@ -165,6 +165,20 @@ def test_target_var_divides_regression_mse_only() -> None:
     assert float(at_mean["wheel"]) == pytest.approx(1.0, rel=1e-5)
 
 
+def test_spike_weight_scales_the_spike_loss_in_the_total_only() -> None:
+    out, spikes, wheel, whisker, choice, block, mask = _regression_case(seed=1)
+    plain = masked_losses(out, spikes, wheel, whisker, choice, block, mask)
+    heavy = masked_losses(out, spikes, wheel, whisker, choice, block, mask, spike_weight=100.0)
+    for k in set(plain) - {"total"}:  # the per-modality losses come back unweighted
+        torch.testing.assert_close(heavy[k], plain[k])
+    rest = sum(float(plain[k]) for k in set(plain) - {"total", "spikes"})
+    assert float(heavy["total"]) == pytest.approx(100.0 * float(plain["spikes"]) + rest, rel=1e-5)
+    assert float(plain["total"]) == pytest.approx(float(plain["spikes"]) + rest, rel=1e-6)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="spike_weight"):
+            masked_losses(out, spikes, wheel, whisker, choice, block, mask, spike_weight=bad)
+
+
 def test_normalised_regression_loss_is_scale_free() -> None:
     out, spikes, wheel, whisker, choice, block, mask = _regression_case(seed=3)
     var = {"wheel": float(wheel.var()), "whisker": float(whisker.var())}

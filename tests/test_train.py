@@ -280,6 +280,32 @@ def test_empty_split_is_an_error(tmp_path: Path) -> None:
         train([], tmp_path / "run", tiny_cfg(), quick())
 
 
+def test_spike_weight_reaches_the_loss_and_unimodal_runs_select_on_their_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arrays = {EIDS[0]: synthetic_arrays(EIDS[0], n_trials=40)}
+    weights: list[object] = []
+    real = train_mod.masked_losses
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        weights.append(args[8] if len(args) > 8 else kwargs.get("spike_weight"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "masked_losses", spy)
+    train(arrays, tmp_path / "enc", tiny_cfg(), quick(epochs=2, schemes=("encoding",), spike_weight=7.0))
+    assert weights and set(weights) == {7.0}
+    enc = json.loads((tmp_path / "enc" / "metrics.json").read_text())["history"]
+    for h in enc:  # encoding-only: scored on bits/spike alone, not on the heads it never trains
+        assert h["val"]["score"] == pytest.approx(h["val"]["mean"]["bits_per_spike"])
+    train(arrays, tmp_path / "dec", tiny_cfg(), quick(epochs=1, schemes=("decoding",)))
+    dec = json.loads((tmp_path / "dec" / "metrics.json").read_text())["history"][0]["val"]["mean"]
+    want = np.mean([dec[k] for k in ("wheel_r2", "whisker_r2", "choice_bacc", "block_bacc")])
+    assert dec["score"] == pytest.approx(want)
+    assert weights[-1] == TrainConfig().spike_weight  # the default
+    with pytest.raises(ConfigError, match=r"TrainConfig\.spike_weight"):
+        TrainConfig(spike_weight=0.0)
+
+
 def test_nan_loss_stops_with_step_and_trials(tmp_path: Path) -> None:
     arr = synthetic_arrays(EIDS[0])
     wheel = arr.wheel.copy()

@@ -18,6 +18,13 @@ Wheel and whisker are min-max scaled per session, so their variance is small (~0
 tens of times smaller than the spike NLL and the cross-entropies. Training therefore divides each regression
 MSE by the variance of that target over the session's training trials (:func:`target_variance`): a
 normalised MSE, ``1 - R²`` in scale, whatever the scaling of the target.
+
+The spike loss is the other way round: a Poisson NLL averaged over neurons and bins is mostly Poisson noise
+no model can remove. At ~7 Hz and 20 ms bins a neuron's NLL is ~0.43 nats per bin, of which a good encoder
+removes ~0.002 (0.02 bits/spike), against the ~0.7 of a normalised MSE that decoding removes. Summed with
+weight 1, the behaviour losses shape the shared trunk alone and encoding barely leaves its mean-rate start,
+so the total weights the spike loss by ``spike_weight`` (``TrainConfig.spike_weight``; see there for how
+its default was chosen). The per-modality losses are returned unweighted.
 """
 
 from __future__ import annotations
@@ -146,12 +153,14 @@ def masked_losses(
     block: Tensor,
     mask: Tensor,
     target_var: Mapping[str, float] | None = None,
+    spike_weight: float = 1.0,
 ) -> dict[str, Tensor]:
-    """Per-modality mean loss over masked tokens, plus ``total`` (their sum); modalities with nothing masked
-    are left out. Spikes: Poisson NLL of log-rates; wheel/whisker: MSE, divided by ``target_var[name]`` when
-    given (the session's training variance of that target, see :func:`target_variance`: a normalised MSE);
-    choice/block: cross-entropy of the trial logits (mean of per-bin logits) over trials whose modality is
-    masked, or, for per-bin (B, T) labels, of the per-bin logits over masked bins that have a label."""
+    """Per-modality mean loss over masked tokens, plus ``total`` (their sum, the spike loss times
+    ``spike_weight``); modalities with nothing masked are left out. Spikes: Poisson NLL of log-rates;
+    wheel/whisker: MSE, divided by ``target_var[name]`` when given (the session's training variance of that
+    target, see :func:`target_variance`: a normalised MSE); choice/block: cross-entropy of the trial logits
+    (mean of per-bin logits) over trials whose modality is masked, or, for per-bin (B, T) labels, of the
+    per-bin logits over masked bins that have a label."""
     if target_var is not None:
         _check_target_var(target_var)
     losses: dict[str, Tensor] = {}
@@ -178,5 +187,8 @@ def masked_losses(
     if not losses:
         raise invalid("mask", "hides no token, so there is no loss", tuple(mask.shape),
                       "draw masks with draw_masks or eval_mask", kind=ConfigError)
-    losses["total"] = torch.stack(list(losses.values())).sum()
+    if not spike_weight > 0:
+        raise invalid("spike_weight", "must be > 0", spike_weight, kind=ConfigError)
+    weighted = [v * spike_weight if k == "spikes" else v for k, v in losses.items()]
+    losses["total"] = torch.stack(weighted).sum()
     return losses

@@ -3,9 +3,11 @@
 - AdamW with a one-cycle schedule (linear warm-up, then cosine down to ``final_lr_frac`` of the peak);
 - one session per step; multi-task masks drawn per trial (:mod:`training.masking`);
 - wheel/whisker MSE divided by the session's training variance of each (a normalised MSE, on the scale of the
-  other losses), the stored min-max normalisation unchanged;
+  other losses), the stored min-max normalisation unchanged; the spike NLL weighted by
+  ``TrainConfig.spike_weight`` (see :mod:`training.masking`);
 - after each epoch (rank 0): validation metrics with the evaluation masks (encoding -> bits/spike, decoding ->
-  wheel R², whisker R², choice and block balanced accuracy), their average is the model-selection score, and
+  wheel R², whisker R², choice and block balanced accuracy), their average is the model-selection score
+  (the encoding-only and decoding-only variants average their own task's metrics alone), and
   the masked validation loss; ``best.pt`` keeps the best score, ``last.pt`` the latest state (for resume);
   ``metrics.json`` the history.
 - Fine-tuning (``finetune_from``) keeps the checkpoint's shared transformer and embeddings and builds new
@@ -39,7 +41,7 @@ from training.checkpoint import (
     sessions_of,
     vocab_from_arrays,
 )
-from training.config import NEDSConfig, TrainConfig
+from training.config import SPIKE_WEIGHT, NEDSConfig, TrainConfig
 from training.distributed import DistInfo, all_mean, barrier, init_distributed, shutdown, wrap
 from training.loader import Batch, check_splits, iter_batches, make_batch, plan_epoch
 from training.masking import Scheme, draw_masks, eval_mask, masked_losses, target_variance
@@ -48,6 +50,18 @@ from training.model import NEDS, SessionModules, count_parameters, trial_logits
 log = logging.getLogger(__name__)
 
 METRIC_NAMES: Final = ("bits_per_spike", "wheel_r2", "whisker_r2", "choice_bacc", "block_bacc")
+ENCODING_METRICS: Final = METRIC_NAMES[:1]
+DECODING_METRICS: Final = METRIC_NAMES[1:]
+
+
+def scored_metrics(schemes: Sequence[str]) -> tuple[str, ...]:
+    """The metrics whose mean selects the checkpoint of a run that draws ``schemes``: the encoding-only and
+    decoding-only variants are scored on their own task, not on heads they never train."""
+    if tuple(schemes) == ("encoding",):
+        return ENCODING_METRICS
+    if tuple(schemes) == ("decoding",):
+        return DECODING_METRICS
+    return METRIC_NAMES
 
 
 @dataclass
@@ -217,10 +231,12 @@ def _labelled_bacc(pred: np.ndarray, true: np.ndarray) -> float:
 
 @torch.no_grad()
 def evaluate_session(
-    model: NEDS, arr: TrialArrays, split: int = VAL, batch_size: int = 32, device: torch.device | str = "cpu"
+    model: NEDS, arr: TrialArrays, split: int = VAL, batch_size: int = 32, device: torch.device | str = "cpu",
+    scored: Sequence[str] = METRIC_NAMES,
 ) -> dict[str, float]:
     """The paper's metrics on one session's ``split``: encoding mask -> bits/spike; decoding mask -> wheel and
-    whisker R², choice and block balanced accuracy; ``score`` = their mean (NaN metrics left out)."""
+    whisker R², choice and block balanced accuracy; ``score`` = the mean of the ``scored`` ones (NaN metrics
+    left out)."""
     rows = arr.subset(split)
     if rows.size == 0:
         raise invalid(f"session {arr.eid}", f"has no trial in the {SPLITS[split]!r} split", 0,
@@ -250,7 +266,7 @@ def evaluate_session(
         "choice_bacc": _safe(_labelled_bacc, np.concatenate(choice), arr.choice[rows]),
         "block_bacc": _safe(_labelled_bacc, np.concatenate(block), arr.block[rows]),
     }
-    values = [v for v in result.values() if math.isfinite(v)]
+    values = [result[k] for k in scored if math.isfinite(result[k])]
     result["score"] = float(np.mean(values)) if values else float("nan")
     return result
 
@@ -264,10 +280,11 @@ def masked_eval_loss(
     seed: int = 1234,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
+    spike_weight: float = SPIKE_WEIGHT,
 ) -> float:
     """Mean multi-task masked loss over ``split`` trials with masks from a fixed seed (comparable across
     checkpoints): the held-out version of the training objective (wheel/whisker MSE normalised by each
-    session's training variance)."""
+    session's training variance, the spike loss weighted by ``spike_weight``)."""
     gen = torch.Generator().manual_seed(seed)
     ratio = model.cfg.mask_ratio if ratio is None else ratio
     was_training = model.training
@@ -282,7 +299,7 @@ def masked_eval_loss(
             mask, _ = draw_masks(batch.size, batch.spikes.shape[1], ratio, gen)
             out = _forward(model, batch, mask.to(device))
             loss = masked_losses(out, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block,
-                                 mask.to(device), target_var)["total"]
+                                 mask.to(device), target_var, spike_weight)["total"]
             total += float(loss) * batch.size
             n += batch.size
     model.train(was_training)
@@ -293,10 +310,12 @@ def masked_eval_loss(
 
 def evaluate(
     model: NEDS, arrays: Mapping[str, TrialArrays], split: int = VAL, batch_size: int = 32,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", scored: Sequence[str] = METRIC_NAMES,
 ) -> dict[str, Any]:
-    """Per-session metrics, their means over sessions, and ``score`` (the model-selection figure)."""
-    per = {eid: evaluate_session(model, arrays[eid], split, batch_size, device) for eid in sorted(arrays)}
+    """Per-session metrics, their means over sessions, and ``score`` (the model-selection figure: the mean
+    of the ``scored`` metrics)."""
+    per = {eid: evaluate_session(model, arrays[eid], split, batch_size, device, scored)
+           for eid in sorted(arrays)}
     mean: dict[str, float] = {}
     for k in (*METRIC_NAMES, "score"):
         vals = [m[k] for m in per.values() if math.isfinite(m[k])]
@@ -438,7 +457,7 @@ def _train(
             mask = mask.to(device)  # (B, M, T)
             pred = _forward(net, batch, mask)
             losses = masked_losses(pred, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block,
-                                   mask, target_var[batch.eid])
+                                   mask, target_var[batch.eid], tcfg.spike_weight)
             loss = losses["total"]
             loss_value = all_mean(float(losses["total"].detach()), info)
             if not math.isfinite(loss_value):
@@ -461,11 +480,12 @@ def _train(
         bar.close()
         completed = epoch + 1 if done == len(plan) else epoch  # epochs finished, for resume
         if info.is_main:
-            val_loss = masked_eval_loss(model, data, VAL, batch_size=tcfg.eval_batch_size, device=device)
+            val_loss = masked_eval_loss(model, data, VAL, batch_size=tcfg.eval_batch_size, device=device,
+                                        spike_weight=tcfg.spike_weight)
             record: dict[str, Any] = {
                 "epoch": epoch + 1, "step": step, "lr": lr_at(max(step - 1, 0), total_steps, tcfg),
                 "train_loss": epoch_loss / max(epoch_n, 1), "val_loss": val_loss,
-                "val": evaluate(model, data, VAL, tcfg.eval_batch_size, device),
+                "val": evaluate(model, data, VAL, tcfg.eval_batch_size, device, scored_metrics(tcfg.schemes)),
             }
             history.append(record)
             score = record["val"]["score"]
