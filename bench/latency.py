@@ -65,6 +65,7 @@ class LatencyBenchConfig:
     realtime: bool = False  # serve (priority 20), the client (15) and replay (10) at SCHED_FIFO, on any CPU
     pin: bool = False  # serve pinned to the last CPU, replay and the client to the others
     prewarm_ms: float = PREWARM_MS  # serve's --prewarm-ms
+    prewarm_adapt: bool = True  # serve's --prewarm-adapt (False: --prewarm-fixed)
 
     def check(self) -> None:
         if not self.duration > 0:
@@ -201,6 +202,7 @@ def _one_run(data: Path, session: str, model: Path, engine: str, cfg: LatencyBen
                     name, "--out-stream", dec_name, "--log", str(log_csv), "--summary-json", str(serve_json),
                     "--grace", str(cfg.grace_ms), "--threads", str(cfg.threads), "--lsl-scope", "machine",
                     "--status-every", "5", "--resolve-timeout", "180", "--prewarm-ms", str(cfg.prewarm_ms),
+                    "--prewarm-adapt" if cfg.prewarm_adapt else "--prewarm-fixed",
                     *(["--cuda-graph"] if cfg.cuda_graph and engine == "onnx" else []),
                     *_realtime_args(cfg, split, "serve")],
                    None if cfg.show_serve else out / f"{engine}_serve.log")
@@ -275,7 +277,8 @@ def _analyse(data: Path, session: str, model: Path, engine: str, cfg: LatencyBen
         "engine": engine, "stages_ms": stages_ms, "counts": counts,
         "cpu": {**cpu, "serve_cpu_pct": 100 * cpu["serve_cpu_s"] / duration,
                 "replay_cpu_pct": 100 * cpu["replay_cpu_s"] / duration},
-        "replay_pacing_ms": replayed.get("chunk_lateness_ms", {}), "quality": quality,
+        "replay_pacing_ms": replayed.get("chunk_lateness_ms", {}), "prewarm_ms": served.get("prewarm_ms", {}),
+        "quality": quality,
         "series": {"bin": dlog.bins.tolist(),
                    **{f"{k}_ms": [None if not np.isfinite(x) else round(1e3 * float(x), 4) for x in v]
                       for k, v in stage.items()}},
@@ -425,6 +428,11 @@ def _print(runs: list[dict[str, Any]]) -> None:
             f"{q.get('live')}, offline {q.get('offline')}, max |live - offline| "
             f"{q.get('max_abs_decode_difference')} (less the {served_q.get('late_spikes_dropped')} late "
             f"spikes: {served_q.get('max_abs_decode_difference')})")
+        if run.get("prewarm_ms"):
+            pw = run["prewarm_ms"]
+            console().print(f"{run['engine']}: prewarm runs p50 {pw['run_p50']:.3f} ms, p99 "
+                            f"{pw['run_p99']:.3f} ms; lead p50 {pw['lead_p50']:.3f} ms, last "
+                            f"{pw['lead_last']:.3f} ms", markup=False)
 
 
 def _plot(path: Path, runs: list[dict[str, Any]]) -> None:

@@ -214,6 +214,10 @@ def serve(
         min=0.0, help="This long before each bin closes, run the model once on the current state and "
                       "throw the result away, so the real step finds its weights in cache (local clock; "
                       "0: off).")] = 3.0,
+    prewarm_adapt: Annotated[bool, typer.Option(
+        "--prewarm-adapt/--prewarm-fixed",
+        help="After 16 prewarms, start each one as long before the bin closes as recent prewarms took "
+             "(95th percentile) plus 0.3 ms; --prewarm-fixed keeps --prewarm-ms.")] = True,
 ) -> None:
     """Decode a live spike stream, one step per 20 ms bin: LSL Behavior + ZMQ decodes + decode log."""
     import signal
@@ -231,7 +235,8 @@ def serve(
                           zmq_in=zmq_in, zmq_out=zmq_out, out_stream=out_stream, log_path=log_path,
                           grace_ms=grace, duration_s=duration, clock=clock, t0=t0, stall_s=stall,
                           status_s=status_every, resolve_timeout_s=resolve_timeout, realtime=realtime,
-                          cpus=parse_cpus(cpus), huge_pages=huge_pages, prewarm_ms=prewarm_ms)
+                          cpus=parse_cpus(cpus), huge_pages=huge_pages, prewarm_ms=prewarm_ms,
+                          prewarm_adapt=prewarm_adapt)
         server = Server(cfg)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: server.stop())
@@ -339,6 +344,8 @@ def bench_latency(
     pin: Annotated[bool, typer.Option(
         "--pin", help="Pin serve to the last CPU, replay and the client to the others.")] = False,
     prewarm_ms: Annotated[float, typer.Option(min=0.0, help="Serve's --prewarm-ms (0: off).")] = 3.0,
+    prewarm_adapt: Annotated[bool, typer.Option(
+        "--prewarm-adapt/--prewarm-fixed", help="Serve's --prewarm-adapt / --prewarm-fixed.")] = True,
 ) -> None:
     """Replay, serve and a measuring client as three processes: per-stage latency, missed bins, CPU use and
     live decode quality against the ground truth and the offline evaluation."""
@@ -349,7 +356,7 @@ def bench_latency(
     cfg = LatencyBenchConfig(duration=duration, speed=speed, start=start, probe=probe, grace_ms=grace,
                              engines=tuple(e.strip() for e in engines.split(",") if e.strip()),
                              device=device, cuda_graph=cuda_graph, realtime=realtime, pin=pin,
-                             prewarm_ms=prewarm_ms)
+                             prewarm_ms=prewarm_ms, prewarm_adapt=prewarm_adapt)
     try:
         models = {e: (torchscript_model or model.with_suffix(".pt")) if e == "torchscript" else model
                   for e in cfg.engines}

@@ -9,8 +9,9 @@ grace has passed on the stream clock (:mod:`neds_rt.clock`), and for each closed
 step -> LSL ``Behavior`` sample (timestamp = bin end) -> ZMQ decode (header: bin index, stamps, flags) ->
 decode log -> telemetry. It then sleeps until the next bin's deadline (deadline-based waiting; on the local
 clock batches wait in the queue until then, so the loop wakes once per bin). On the local clock it also wakes
-``prewarm_ms`` (3 ms) before each deadline for one throwaway engine run (``Engine.prewarm``), so that the
-real step finds the weights and the key/value rings in cache.
+shortly before each deadline for one throwaway engine run (``Engine.prewarm``), so that the real step finds
+the weights and the key/value rings in cache: ``prewarm_ms`` (3 ms) before it, then, with ``prewarm_adapt``,
+as long before it as recent prewarms took plus a margin (:mod:`neds_rt.prewarm`).
 
 Bins. Bin ``k`` covers ``[t0 + k*bin, t0 + (k+1)*bin)`` in stream time; ``t0`` is ``--t0`` or the first
 event's time floored to the bin grid (events) / the first bin's start (binned counts), and the first bin
@@ -58,6 +59,7 @@ from neds_rt.clock import StreamClock, grid_origin, host_now
 from neds_rt.errors import StreamError, invalid
 from neds_rt.hugepages import use_huge_pages
 from neds_rt.inlets import CountsBatch, Gap, SpikeBatch, match_units
+from neds_rt.prewarm import PrewarmLead
 from neds_rt.realtime import SERVE_PRIORITY, enter_realtime
 from neds_rt.telemetry import Summary, Telemetry, stage_budgets
 
@@ -106,6 +108,7 @@ class ServeConfig:
     huge_pages: bool = True  # after warm-up, back large memory with 2 MiB pages (neds_rt.hugepages)
     prewarm_ms: float = PREWARM_MS  # local clock: this long before each bin closes, one throwaway engine run
     # (Engine.prewarm) brings the weights and state back into cache; 0 turns it off
+    prewarm_adapt: bool = True  # after 16 prewarms, the lead follows their durations (neds_rt.prewarm)
 
 
 class _CountsRing:
@@ -209,6 +212,8 @@ class Server:
         self._stalled = False
         self._waiting_logged = 0.0
         self._prewarmed_bin = -1  # the bin whose close the last prewarm run was for
+        self._prewarm_lead = (PrewarmLead(cfg.prewarm_ms / 1e3, adapt=cfg.prewarm_adapt, max_s=_MAX_PREWARM_S)
+                              if cfg.prewarm_ms > 0 else None)
         self._log_counts: dict[str, int] = {}
         self._io_thread: threading.Thread | None = None
         self.engine: Any = None
@@ -406,8 +411,8 @@ class Server:
         on_grid = self._src if self.clock.mode == "local" else None  # local deadlines, once the grid exists
         if on_grid is not None:
             deadline = on_grid.bin_end(on_grid.next_bin) + self.grace
-            if self.cfg.prewarm_ms > 0 and self._prewarmed_bin != on_grid.next_bin:
-                deadline = self._prewarm(on_grid.next_bin, deadline)
+            if self._prewarm_lead is not None and self._prewarmed_bin != on_grid.next_bin:
+                deadline = self._prewarm(self._prewarm_lead, on_grid.next_bin, deadline)
             timeout = min(timeout, deadline - host_now())
         timeout = min(timeout, end_at - host_now())
         if timeout <= 0:
@@ -421,20 +426,22 @@ class Server:
             return
         self._take(item)
 
-    def _prewarm(self, k: int, deadline: float) -> float:
-        """Run Engine.prewarm for bin ``k`` once its time has come (``prewarm_ms`` before the deadline) and
-        return the next time to wake: the prewarm time while it is ahead, else the deadline. A prewarm
-        needs at least half its lead before the deadline, so it never delays the close by much; when the
-        loop comes too late (a slow close, a catch-up after a stall) it is skipped and counted."""
-        lead = self.cfg.prewarm_ms / 1e3
+    def _prewarm(self, lead: PrewarmLead, k: int, deadline: float) -> float:
+        """Run Engine.prewarm for bin ``k`` once its time has come (``lead`` before the deadline) and return
+        the next time to wake: the prewarm time while it is ahead, else the deadline. A prewarm needs at
+        least half its lead before the deadline, so it never delays the close by much; when the loop comes
+        too late (a slow close, a catch-up after a stall) it is skipped and counted. Each run's duration
+        goes to ``lead``, which adapts the lead to it (:mod:`neds_rt.prewarm`)."""
+        lead_s = lead.lead()
         now = host_now()
-        if now < deadline - lead:
-            return deadline - lead
+        if now < deadline - lead_s:
+            return deadline - lead_s
         self._prewarmed_bin = k
-        if deadline - now < lead / 2:
+        if deadline - now < lead_s / 2:
             self._count("prewarm_skipped", 1)
             return deadline
         self.engine.prewarm()
+        lead.record(host_now() - now)
         self._count("prewarms", 1)
         return deadline
 
@@ -709,6 +716,8 @@ class Server:
     def _finish(self) -> Summary:
         self._sync_counts()
         summary = self.telemetry.summary(host_now())
+        if self._prewarm_lead is not None:
+            summary.prewarm_ms = self._prewarm_lead.summary_ms()
         for line in summary.lines():
             log.info("summary: %s", line)
         return summary

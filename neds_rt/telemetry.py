@@ -69,6 +69,7 @@ class Summary:
     stages: dict[str, dict[str, float]]  # stage -> {"p50": ms, ..., "max": ms}
     counts: dict[str, int] = field(default_factory=dict)
     overruns: dict[str, int] = field(default_factory=dict)
+    prewarm_ms: dict[str, float] = field(default_factory=dict)  # PrewarmLead.summary_ms(); {}: no prewarm
 
     def lines(self) -> list[str]:
         rate = self.bins / self.duration_s if self.duration_s > 0 else 0.0
@@ -80,11 +81,16 @@ class Summary:
             out.append(f"{name:<20}{vals}{self.overruns.get(name, 0):>10}")
         nonzero = {k: v for k, v in self.counts.items() if v}
         out.append("counts: " + (", ".join(f"{k} {v}" for k, v in sorted(nonzero.items())) or "none"))
+        if self.prewarm_ms:
+            p = self.prewarm_ms
+            out.append(f"prewarm: {int(p['runs'])} runs, p50 {p['run_p50']:.3f} ms, p99 {p['run_p99']:.3f} "
+                       f"ms; lead p50 {p['lead_p50']:.3f} ms, last {p['lead_last']:.3f} ms")
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"bins": self.bins, "duration_s": self.duration_s, "stages_ms": self.stages,
-                "counts": dict(self.counts), "overruns": dict(self.overruns)}
+                "counts": dict(self.counts), "overruns": dict(self.overruns),
+                "prewarm_ms": dict(self.prewarm_ms)}
 
 
 class Telemetry:

@@ -51,17 +51,19 @@ def _check_stamps(stamps: np.ndarray) -> None:
     assert np.all(closed >= bin_end) and np.all(i0 >= closed) and np.all(i1 >= i0) and np.all(pub >= i1)
 
 
-@pytest.mark.parametrize(("prewarm_ms", "device"), [(0.0, "cpu"), (10.0, "cpu"),
-                                                   pytest.param(0.0, "cuda", marks=needs_ort_cuda),
-                                                   pytest.param(0.0, "cuda-graph", marks=needs_ort_cuda)])
-def test_lsl_spikes_decodes_equal_offline_engine_on_every_bin(model: Path, tmp_path: Path,
-                                                              prewarm_ms: float, device: str) -> None:
+@pytest.mark.parametrize(("prewarm_ms", "adapt", "device"), [
+    (0.0, True, "cpu"), (10.0, True, "cpu"), (10.0, False, "cpu"),
+    pytest.param(0.0, True, "cuda", marks=needs_ort_cuda),
+    pytest.param(0.0, True, "cuda-graph", marks=needs_ort_cuda)])
+def test_lsl_spikes_decodes_equal_offline_engine_on_every_bin(model: Path, tmp_path: Path, prewarm_ms: float,
+                                                              adapt: bool, device: str) -> None:
     uid = uuid.uuid4().hex[:8]
     outlet = LSLSpikeOutlet(f"spk-{uid}", EID, UNIT_IDS, REGIONS, source_id=f"src-{uid}")
     url = f"tcp://127.0.0.1:{free_port()}"
     cfg = ServeConfig(model, stream=f"spk-{uid}", zmq_out=url, out_stream=f"dec-{uid}",
                       log_path=tmp_path / "decodes.csv", grace_ms=40.0, wait_clients_s=10.0, warmup_steps=5,
-                      prewarm_ms=prewarm_ms, device=device.split("-")[0], cuda_graph=device == "cuda-graph")
+                      prewarm_ms=prewarm_ms, prewarm_adapt=adapt, device=device.split("-")[0],
+                      cuda_graph=device == "cuda-graph")
     st = ServerThread(cfg)
     clients = DecodeClients(f"dec-{uid}", url)
     try:
@@ -89,8 +91,14 @@ def test_lsl_spikes_decodes_equal_offline_engine_on_every_bin(model: Path, tmp_p
     ran, skipped = summary.counts.get("prewarms", 0), summary.counts.get("prewarm_skipped", 0)
     if prewarm_ms:  # one prewarm decision per bin the loop waited for (+1: the bin after the last)
         assert ran > 0 and ran + skipped <= n_bins + 1
+        lead = summary.prewarm_ms
+        assert lead["runs"] == ran
+        if adapt:  # after 16 runs the lead follows the tiny model's prewarms (well under 10 ms)
+            assert ran >= 16 and 0.3 <= lead["lead_last"] < prewarm_ms, lead
+        else:
+            assert lead["lead_last"] == lead["lead_p50"] == pytest.approx(prewarm_ms)
     else:
-        assert ran == skipped == 0
+        assert ran == skipped == 0 and summary.prewarm_ms == {}
     ref = offline_decodes(model, bin_events(kt, ku, server.t0, first, n_bins, 8))  # (T, 6), on the CPU
     atol = 1e-5 if device == "cpu" else 1e-4  # the GPU's float32 kernels round differently from the CPU's
 

@@ -106,8 +106,10 @@ def test_cli_prewarm_defaults_are_serves() -> None:
     from neds_rt.serve import PREWARM_MS, ServeConfig
 
     assert ServeConfig(Path("m.onnx")).prewarm_ms == PREWARM_MS > 0
+    assert ServeConfig(Path("m.onnx")).prewarm_adapt
     for command in (cli.serve, cli.bench_latency):  # typer keeps the default in the signature
         assert inspect.signature(command).parameters["prewarm_ms"].default == PREWARM_MS, command
+        assert inspect.signature(command).parameters["prewarm_adapt"].default is True, command
 
 
 def test_stream_whose_units_differ_from_the_model_is_refused_at_start(model: Path) -> None:
