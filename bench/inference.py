@@ -341,7 +341,7 @@ def _cpu_rows(cfg: InferenceBenchConfig, step_onnx: Path, step_ts: Path, step_mo
             rows.append(_ort_step_row(name, path, cfg, threads=1, note=pace, paced=True))
             rows[-1].same_model = False
         if cfg.prewarm_ms > 0:
-            warm = f"{pace}, after a throwaway run {cfg.prewarm_ms:g} ms before (serve --prewarm-ms)"
+            warm = f"{pace}, after a throwaway run {cfg.prewarm_ms:g} ms before (serve --prewarm-fixed)"
             for name, path in ((PREWARMED, step_onnx), (INT4_PREWARMED, step_int4_onnx)):
                 rows.append(_ort_step_row(name, path, cfg, threads=1, note=warm, paced=True,
                                           prewarm_s=cfg.prewarm_ms / 1e3))

@@ -213,7 +213,7 @@ def serve(
     prewarm_ms: Annotated[float, typer.Option(
         min=0.0, help="This long before each bin closes, run the model once on the current state and "
                       "throw the result away, so the real step finds its weights in cache (local clock; "
-                      "0: off).")] = 3.0,
+                      "the first 16 bins only unless --prewarm-fixed; 0: off).")] = 3.0,
     prewarm_adapt: Annotated[bool, typer.Option(
         "--prewarm-adapt/--prewarm-fixed",
         help="After 16 prewarms, start each one as long before the bin closes as recent prewarms took "
