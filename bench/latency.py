@@ -39,6 +39,7 @@ import numpy as np
 from bench.report import console, latency_percentiles, machine_info, write_json
 from neds_rt.engine import DEVICES
 from neds_rt.errors import ConfigError, StreamError, invalid
+from neds_rt.prewarm import prewarm_text
 from neds_rt.realtime import CLIENT_PRIORITY, enter_realtime, parse_cpus
 from neds_rt.serve import PREWARM_MS
 
@@ -429,10 +430,7 @@ def _print(runs: list[dict[str, Any]]) -> None:
             f"{q.get('max_abs_decode_difference')} (less the {served_q.get('late_spikes_dropped')} late "
             f"spikes: {served_q.get('max_abs_decode_difference')})")
         if run.get("prewarm_ms"):
-            pw = run["prewarm_ms"]
-            console().print(f"{run['engine']}: prewarm runs p50 {pw['run_p50']:.3f} ms, p99 "
-                            f"{pw['run_p99']:.3f} ms; lead p50 {pw['lead_p50']:.3f} ms, last "
-                            f"{pw['lead_last']:.3f} ms", markup=False)
+            console().print(f"{run['engine']}: prewarm {prewarm_text(run['prewarm_ms'])}", markup=False)
 
 
 def _plot(path: Path, runs: list[dict[str, Any]]) -> None:

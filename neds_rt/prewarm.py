@@ -25,6 +25,7 @@ import numpy as np
 from neds_rt.errors import ConfigError, invalid
 
 PREWARM_MARGIN_S: Final = 0.0003  # slack between the prewarm's expected end (p95) and the bin's close
+MAX_PREWARM_S: Final = 0.015  # a prewarm must leave part of the 20 ms bin to the I/O thread and the others
 _QUANTILE: Final = 0.95
 
 
@@ -36,7 +37,7 @@ class PrewarmLead:
     """
 
     def __init__(self, initial_s: float, adapt: bool = True, margin_s: float = PREWARM_MARGIN_S,
-                 max_s: float = 0.015, window: int = 64, min_runs: int = 16) -> None:
+                 max_s: float = MAX_PREWARM_S, window: int = 64, min_runs: int = 16) -> None:
         if not 0 < initial_s <= max_s:
             raise invalid("prewarm initial lead", f"must be > 0 and at most max_s = {max_s:g} s", initial_s,
                           kind=ConfigError)
@@ -68,7 +69,7 @@ class PrewarmLead:
         """The lead to use now (seconds); call it off the critical path (it partitions the window)."""
         if self._stale and self.n_runs >= self.min_runs:
             p95 = _nearest_rank(self._runs[: min(self.n_runs, self._runs.size)], _QUANTILE, self._scratch)
-            self._lead = min(max(p95 + self.margin_s, self.margin_s), self.max_s)
+            self._lead = min(p95 + self.margin_s, self.max_s)  # >= margin_s: durations are >= 0
             self._leads[self._n_leads % self._leads.size] = self._lead
             self._n_leads += 1
         self._stale = False
@@ -84,6 +85,13 @@ class PrewarmLead:
         return {"runs": float(self.n_runs), "run_p50": 1e3 * float(np.quantile(runs, 0.5)),
                 "run_p99": 1e3 * float(np.quantile(runs, 0.99)),
                 "lead_p50": 1e3 * float(np.quantile(leads, 0.5)), "lead_last": 1e3 * self._lead}
+
+
+def prewarm_text(summary_ms: dict[str, float]) -> str:
+    """One line for :meth:`PrewarmLead.summary_ms` (serve's exit summary, ``bench latency``)."""
+    p = summary_ms
+    return (f"{int(p['runs'])} runs, p50 {p['run_p50']:.3f} ms, p99 {p['run_p99']:.3f} ms; lead p50 "
+            f"{p['lead_p50']:.3f} ms, last {p['lead_last']:.3f} ms")
 
 
 def _nearest_rank(x: np.ndarray, q: float, scratch: np.ndarray) -> float:

@@ -59,7 +59,7 @@ from neds_rt.clock import StreamClock, grid_origin, host_now
 from neds_rt.errors import StreamError, invalid
 from neds_rt.hugepages import use_huge_pages
 from neds_rt.inlets import CountsBatch, Gap, SpikeBatch, match_units
-from neds_rt.prewarm import PrewarmLead
+from neds_rt.prewarm import MAX_PREWARM_S, PrewarmLead
 from neds_rt.realtime import SERVE_PRIORITY, enter_realtime
 from neds_rt.telemetry import Summary, Telemetry, stage_budgets
 
@@ -71,7 +71,6 @@ _LOG_FIRST: Final = 10
 _SWITCH_INTERVAL_S: Final = 0.0002
 _LSL_LINGER_S: Final = 0.2  # on close, time for the last Behavior samples to reach LSL consumers
 PREWARM_MS: Final = 3.0  # default lead of the prewarm run (four 60-s A/B runs: total p50 2.07 -> 1.84 ms)
-_MAX_PREWARM_S: Final = 0.015  # a prewarm must leave part of the 20 ms bin to the I/O thread and the others
 
 
 @dataclass
@@ -184,8 +183,8 @@ class Server:
             raise invalid("io_period_s", "must be >= 0 s and below the stall timeout", cfg.io_period_s)
         if not cfg.stall_s > 0 or cfg.queue_size < 1:
             raise invalid("stall_s/queue_size", "must be positive", (cfg.stall_s, cfg.queue_size))
-        if not 0 <= cfg.prewarm_ms < 1e3 * _MAX_PREWARM_S:
-            raise invalid("--prewarm-ms", f"must be >= 0 ms and below {1e3 * _MAX_PREWARM_S:g} ms",
+        if not 0 <= cfg.prewarm_ms < 1e3 * MAX_PREWARM_S:
+            raise invalid("--prewarm-ms", f"must be >= 0 ms and below {1e3 * MAX_PREWARM_S:g} ms",
                           cfg.prewarm_ms, "pass e.g. --prewarm-ms 3, or 0 to turn it off")
         if cfg.cuda_graph and (cfg.engine, cfg.device) != ("onnx", "cuda"):
             raise invalid("--cuda-graph", "needs --engine onnx --device cuda", (cfg.engine, cfg.device))
@@ -212,7 +211,7 @@ class Server:
         self._stalled = False
         self._waiting_logged = 0.0
         self._prewarmed_bin = -1  # the bin whose close the last prewarm run was for
-        self._prewarm_lead = (PrewarmLead(cfg.prewarm_ms / 1e3, adapt=cfg.prewarm_adapt, max_s=_MAX_PREWARM_S)
+        self._prewarm_lead = (PrewarmLead(cfg.prewarm_ms / 1e3, adapt=cfg.prewarm_adapt)
                               if cfg.prewarm_ms > 0 else None)
         self._log_counts: dict[str, int] = {}
         self._io_thread: threading.Thread | None = None

@@ -29,6 +29,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from neds_rt.prewarm import prewarm_text
 from neds_rt.wire import STAMP_NAMES
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,7 @@ class Summary:
         nonzero = {k: v for k, v in self.counts.items() if v}
         out.append("counts: " + (", ".join(f"{k} {v}" for k, v in sorted(nonzero.items())) or "none"))
         if self.prewarm_ms:
-            p = self.prewarm_ms
-            out.append(f"prewarm: {int(p['runs'])} runs, p50 {p['run_p50']:.3f} ms, p99 {p['run_p99']:.3f} "
-                       f"ms; lead p50 {p['lead_p50']:.3f} ms, last {p['lead_last']:.3f} ms")
+            out.append("prewarm: " + prewarm_text(self.prewarm_ms))
         return out
 
     def to_dict(self) -> dict[str, Any]:
