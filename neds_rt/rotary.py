@@ -15,3 +15,19 @@ def rotary_step_tables(bin_index: int, head_dim: int, base: float) -> tuple[np.n
     angles = float(bin_index) * inv_freq
     angles = np.concatenate([angles, angles])  # (head_dim,)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class RotaryTables:
+    """:func:`rotary_step_tables` without allocation: writes one bin's tables into preallocated buffers (the
+    step engine fills its bound cos/sin inputs this way, bit-equal to the function)."""
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        self._freq = np.concatenate([inv_freq, inv_freq])  # (head_dim,) float64
+        self._angles = np.empty(head_dim, dtype=np.float64)  # (head_dim,) scratch
+
+    def write(self, bin_index: int, cos: np.ndarray, sin: np.ndarray) -> None:
+        """Fill ``cos`` and ``sin`` (head_dim,) float32 with the tables of ``bin_index``."""
+        np.multiply(self._freq, float(bin_index), out=self._angles)
+        np.cos(self._angles, out=cos, casting="same_kind")  # float64 cos, rounded once to float32
+        np.sin(self._angles, out=sin, casting="same_kind")

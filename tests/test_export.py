@@ -182,6 +182,32 @@ def test_wrong_input_shape_and_nan_are_clear_errors(files: dict[str, Path]) -> N
         eng.step(np.full(12, np.nan, dtype=np.float32))
 
 
+@pytest.mark.parametrize("engine", ["onnx", "onnx-feeds", "torchscript"])
+def test_bad_counts_leave_the_state_untouched(files: dict[str, Path], engine: str) -> None:
+    """The bound path checks a (1, N) row with one sum: NaN or inf anywhere, in any dtype, is refused, huge
+    finite counts are not, and a refused row moves nothing (the next steps equal an engine that never saw
+    it)."""
+    path = files["torchscript-step" if engine == "torchscript" else "onnx-step"]
+    kind = "torchscript" if engine == "torchscript" else "onnx"
+    eng, ref = open_engine(path, engine=kind), open_engine(path, engine=kind)
+    if engine == "onnx-feeds":
+        eng._binding = None  # type: ignore[union-attr]  # the per-call feed path (the CUDA provider's)
+    counts = _inputs("realistic", 24)[0]  # (T, N)
+    for t in range(24):
+        bad = counts[t:t + 1].copy()  # (1, N), the bound path's fast case
+        bad[0, t % 12] = (np.nan, np.inf, -np.inf)[t % 3]
+        for row in (bad, bad.astype(np.float64), bad[0]):
+            with pytest.raises(StreamError, match="counts: must be finite"):
+                eng.step(row)
+        assert eng.next_bin == ref.next_bin == t
+        if t % 4 == 0:
+            eng.prewarm()
+        np.testing.assert_array_equal(eng.step(counts[t:t + 1]), ref.step(counts[t:t + 1]))
+        np.testing.assert_array_equal(eng.log_rates, ref.log_rates)
+    eng.step(np.full((1, 12), 3e38, dtype=np.float32))  # finite, though a float32 sum would overflow
+    assert eng.next_bin == 25
+
+
 def test_stream_with_other_units_is_refused(files: dict[str, Path]) -> None:
     meta = open_engine(files["onnx-step"]).meta
     meta.check_units(list(range(100, 112)), "spikes")  # the right units pass
