@@ -15,7 +15,8 @@ stamps (bin end, closed, inference start/end, published); joined with the arriva
 
 Decode quality seen live (wheel R², choice accuracy against the ground-truth streams) is compared with the
 offline evaluation of the same bins: the session's spikes binned on serve's grid and stepped through the
-same engine offline.
+same engine offline. Each run also records the host's steal time once a second (:mod:`bench.steal`), the CPU
+time the hypervisor gave to other guests, to read the figures of a shared VM by.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any, Final
 import numpy as np
 
 from bench.report import console, latency_percentiles, machine_info, write_json
+from bench.steal import StealSampler
 from neds_rt.engine import DEVICES
 from neds_rt.errors import ConfigError, StreamError, invalid
 from neds_rt.prewarm import prewarm_text
@@ -209,7 +211,9 @@ def _one_run(data: Path, session: str, model: Path, engine: str, cfg: LatencyBen
                    None if cfg.show_serve else out / f"{engine}_serve.log")
     client = _Client(dec_name, name)
     replay: subprocess.Popen[bytes] | None = None
+    steal = StealSampler()
     t_wall = time.monotonic()
+    steal.start()
     try:
         client.start()
         start = [] if cfg.start is None else ["--start", str(cfg.start)]
@@ -228,13 +232,16 @@ def _one_run(data: Path, session: str, model: Path, engine: str, cfg: LatencyBen
         serve_rc, serve_cpu = _reap(serve, 30.0)
         if replay is not None and replay.returncode is None:
             replay.kill()
+        host_steal = steal.stop()
     wall = time.monotonic() - t_wall
     if replay_rc != 0 or serve_rc != 0:
         raise invalid(f"bench run ({engine})", "replay and serve must exit with 0",
                       {"replay": replay_rc, "serve": serve_rc},
                       f"read {out}/{engine}_replay.log and {engine}_serve.log", kind=StreamError)
-    return _analyse(data, session, model, engine, cfg, client, log_csv, serve_json, replay_json,
-                    {"serve_cpu_s": serve_cpu, "replay_cpu_s": replay_cpu, "wall_s": wall})
+    result = _analyse(data, session, model, engine, cfg, client, log_csv, serve_json, replay_json,
+                      {"serve_cpu_s": serve_cpu, "replay_cpu_s": replay_cpu, "wall_s": wall})
+    result["host_steal"] = host_steal  # CPU time the hypervisor gave to other guests (bench.steal)
+    return result
 
 
 def _analyse(data: Path, session: str, model: Path, engine: str, cfg: LatencyBenchConfig, client: _Client,
@@ -431,6 +438,10 @@ def _print(runs: list[dict[str, Any]]) -> None:
             f"spikes: {served_q.get('max_abs_decode_difference')})")
         if run.get("prewarm_ms"):
             console().print(f"{run['engine']}: prewarm {prewarm_text(run['prewarm_ms'])}", markup=False)
+        steal = run.get("host_steal", {})
+        if steal.get("pct") is not None:
+            console().print(f"{run['engine']}: host steal {steal['pct']:.2f}% of CPU time (worst "
+                            f"{steal['period_s']:g} s: {steal['max_pct']}%)", markup=False)
 
 
 def _plot(path: Path, runs: list[dict[str, Any]]) -> None:
