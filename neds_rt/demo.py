@@ -4,7 +4,7 @@
 2. load them through ONE-api and bin them (trial-aligned and continuous);
 3. train a small streaming NEDS on continuous windows of every session, holding out the last 30 % of the
    replayed session's recording (reused on a second run);
-4. export the replayed session's step graph to ONNX;
+4. export the replayed session's step graph to ONNX (on every run: seconds);
 5. replay 60 s of the held-out stretch as a live LSL stream, serve it live (status lines), and measure with
    a client process (`bench latency`);
 6. summarise decode quality (live and offline) and latency percentiles, with the path of the plots.
@@ -77,11 +77,9 @@ def run_demo(out: Path, replay_seconds: float = REPLAY_SECONDS) -> dict[str, Any
     model = out / "run" / "step.onnx"
     from training.export import export_checkpoint
 
-    if not model.exists() or model.stat().st_mtime < ckpt.stat().st_mtime:
-        meta = export_checkpoint(ckpt, model, eid=replayed)
-        typer.echo(f"   {model}: {meta.n_units} units, context {meta.context} bins")
-    else:
-        typer.echo(f"   reusing {model}")
+    # exported on every run (seconds): a reused training run still gets this version's step graph
+    meta = export_checkpoint(ckpt, model, eid=replayed)
+    typer.echo(f"   {model}: {meta.n_units} units, context {meta.context} bins")
     _done(t)
 
     t = _step(f"5. replay {replay_seconds:.0f} s of the held-out stretch live over LSL, serve it, measure "

@@ -360,7 +360,7 @@ class OnnxStepEngine:
         warm, and it does nothing."""
         if self.bind.startswith("torch"):
             return
-        if self._binding is not None:
+        if self._numpy_bound:
             self._settle()  # the last step's ring write and this bin's tables, now rather than at the close
             self._load(self._x)  # the step's own load path, on the last counts (warms its code)
             self._sess.run_with_iobinding(self._warm_binding)
