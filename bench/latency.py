@@ -282,7 +282,7 @@ def _analyse(data: Path, session: str, model: Path, engine: str, cfg: LatencyBen
     duration = cpu["wall_s"]
     quality = _quality(data, session, model, engine, cfg, client, dlog, served, replayed)
     result = {
-        "engine": engine, "stages_ms": stages_ms, "counts": counts,
+        "engine": engine, "bin_size_s": served["bin_size"], "stages_ms": stages_ms, "counts": counts,
         "cpu": {**cpu, "serve_cpu_pct": 100 * cpu["serve_cpu_s"] / duration,
                 "replay_cpu_pct": 100 * cpu["replay_cpu_s"] / duration},
         "replay_pacing_ms": replayed.get("chunk_lateness_ms", {}), "prewarm_ms": served.get("prewarm_ms", {}),
@@ -444,6 +444,22 @@ def _print(runs: list[dict[str, Any]]) -> None:
                             f"{steal['period_s']:g} s: {steal['max_pct']}%)", markup=False)
 
 
+def _plot_steal(ax: Any, run: dict[str, Any]) -> None:
+    """The host's steal time per second on a second axis of the jitter panel, placed at the bins served in
+    that second (approximately: sampling starts a few seconds before the first bin)."""
+    steal = run.get("host_steal", {})
+    series = np.asarray(steal.get("series_pct") or [], dtype=float)  # (S,) % per period
+    if series.size == 0 or not run["series"]["bin"]:
+        return
+    bins_per_period = steal["period_s"] / run["bin_size_s"]  # bins are stream time, which runs with the wall
+    # clock at any --speed (the replay divides session times by the speed)
+    x = run["series"]["bin"][0] + (np.arange(series.size) + 0.5) * bins_per_period  # (S,) bin index
+    twin = ax.twinx()
+    twin.plot(x, series, color="tab:red", lw=0.8, alpha=0.6, label=f"{run['engine']} host steal")
+    twin.set(ylabel="host steal (% of CPU time)", ylim=(0, max(5.0, 1.1 * float(series.max()))))
+    twin.legend(fontsize=8, loc="upper right")
+
+
 def _plot(path: Path, runs: list[dict[str, Any]]) -> None:
     import matplotlib
 
@@ -460,6 +476,7 @@ def _plot(path: Path, runs: list[dict[str, Any]]) -> None:
                              label=f"{run['engine']} {name}")
         total = np.array([np.nan if v is None else v for v in run["series"]["total_ms"]], dtype=float)
         axes[1].plot(run["series"]["bin"], total, lw=0.5, label=run["engine"])
+        _plot_steal(axes[1], run)
     axes[0].axvline(2.0, color="r", ls="--", lw=1, label="2 ms budget")
     axes[0].set(xscale="log", xlabel="latency (ms)", ylabel="fraction of bins",
                 title="latency CDF per stage")

@@ -62,8 +62,9 @@ def test_short_run_writes_a_complete_result(cache_and_model: tuple[Path, str, Pa
     assert run["cpu"]["serve_cpu_s"] > 0 and run["cpu"]["replay_cpu_s"] > 0
     pw = run["prewarm_ms"]  # serve's prewarm runs and the lead they set
     assert pw["runs"] == c["serve_prewarms"] > 0 and pw["lead_last"] > 0
-    steal = run["host_steal"]  # the hypervisor's share, sampled once a second (Linux)
+    steal = run["host_steal"]  # the hypervisor's share, once a second (Linux), drawn beside the jitter
     assert 0.0 <= steal["pct"] <= 100.0 and len(steal["series_pct"]) >= 4
+    assert run["bin_size_s"] == pytest.approx(0.02)  # places each second's steal at its bins in the plot
     q = run["quality"]
     assert q["truth_samples"] > 0 and q["markers"] > 0
     assert set(q["live"]) >= {"wheel_r2", "choice_accuracy"} and set(q["offline"]) == set(q["live"])
