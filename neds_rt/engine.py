@@ -32,7 +32,7 @@ import numpy as np
 
 from neds_rt.errors import ConfigError, ModelFileError, StreamError, invalid
 from neds_rt.model_meta import META_KEY, ModelMeta
-from neds_rt.rotary import RotaryTables, rotary_step_tables
+from neds_rt.rotary import RotaryTables
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ class _Ring:
         self.key_bias = np.full((batch, slots), -np.inf, dtype=np.float32)  # (B, S)
         self.next_bin = 0
         self.head_dim = meta.head_dim
-        self.rope_base = float(meta.extra["rope_base"])
-        self.rotary = RotaryTables(meta.head_dim, self.rope_base)
+        self.rotary = RotaryTables(meta.head_dim, float(meta.extra["rope_base"]))
 
     def reset(self) -> None:
         for a in self.kv:
@@ -119,7 +118,10 @@ class _Ring:
         self.next_bin = 0
 
     def tables(self) -> tuple[np.ndarray, np.ndarray]:
-        return rotary_step_tables(self.next_bin, self.head_dim, self.rope_base)
+        """New (Dh,) float32 cos, sin of the next bin (the bound CPU path writes its own buffers instead)."""
+        cos, sin = (np.empty(self.head_dim, dtype=np.float32) for _ in range(2))
+        self.rotary.write(self.next_bin, cos, sin)
+        return cos, sin
 
     def write(self, new_kv: list[np.ndarray]) -> None:
         """Store the newest bin's (B, H, K, Dh) keys/values in its slot and advance the clock."""
@@ -143,8 +145,13 @@ def _check_counts(counts: np.ndarray, meta: ModelMeta, batch: int) -> np.ndarray
         raise invalid("counts", f"must have shape (B={batch}, N={meta.n_units})", x.shape,
                       "pass one row of spike counts per stream, one column per model unit", kind=StreamError)
     if not np.isfinite(x).all():
-        raise invalid("counts", "must be finite", "NaN/inf present", kind=StreamError)
+        raise _not_finite()
     return np.ascontiguousarray(x)
+
+
+def _not_finite() -> StreamError:
+    """The error for counts with NaN or inf (both count checks raise it)."""
+    return invalid("counts", "must be finite", "NaN/inf present", kind=StreamError)
 
 
 class OnnxStepEngine:
@@ -331,7 +338,7 @@ class OnnxStepEngine:
         np.copyto(x, counts, casting="unsafe")
         if not math.isfinite(x.sum(dtype=np.float64)):  # float64: finite float32 counts cannot overflow it
             x[...] = 0.0
-            raise invalid("counts", "must be finite", "NaN/inf present", kind=StreamError)
+            raise _not_finite()
 
     def _step_torch(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         torch, ring = self._t, self._ring

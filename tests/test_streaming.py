@@ -92,17 +92,23 @@ def test_training_forward_equals_the_streaming_reference(tokens: str) -> None:
 
 @pytest.mark.parametrize("head_dim", [8, 32])
 def test_rotary_tables_in_place_equal_the_function(head_dim: int) -> None:
-    """The engine's allocation-free tables (RotaryTables) equal rotary_step_tables bit for bit, at small bins
-    and at bins of streams that ran for days (float64 angles)."""
+    """The engine's allocation-free tables (RotaryTables) and rotary_step_tables both equal the rotate-half
+    rule computed here in float64 (cos / sin of bin * base**(-2i/Dh), each half repeated, rounded once to
+    float32), bit for bit, at small bins and at bins of streams that ran for days."""
     import numpy as np
 
     from neds_rt.rotary import RotaryTables, rotary_step_tables
 
     tables = RotaryTables(head_dim, 10000.0)
     cos, sin = np.zeros(head_dim, np.float32), np.zeros(head_dim, np.float32)
+    half = 10000.0 ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (Dh/2,) float64
     for k in (0, 1, 2, 99, 100, 12_345, 10**7, 2**40):
+        angles = np.tile(float(k) * half, 2)  # (Dh,) float64
+        want_cos, want_sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
         tables.write(k, cos, sin)
-        want_cos, want_sin = rotary_step_tables(k, head_dim, 10000.0)
         np.testing.assert_array_equal(cos, want_cos)
         np.testing.assert_array_equal(sin, want_sin)
+        got_cos, got_sin = rotary_step_tables(k, head_dim, 10000.0)
+        np.testing.assert_array_equal(got_cos, want_cos)
+        np.testing.assert_array_equal(got_sin, want_sin)
     assert not np.array_equal(cos, rotary_step_tables(5, head_dim, 10000.0)[0])  # the bin matters
