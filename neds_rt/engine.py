@@ -108,7 +108,6 @@ class _Ring:
         self.kv = [np.zeros(shape, dtype=np.float32) for _ in range(2 * meta.n_layers)]  # L x (k, v)
         self.key_bias = np.full((batch, slots), -np.inf, dtype=np.float32)  # (B, S)
         self.next_bin = 0
-        self.head_dim = meta.head_dim
         self.rotary = RotaryTables(meta.head_dim, float(meta.extra["rope_base"]))
 
     def reset(self) -> None:
@@ -119,9 +118,7 @@ class _Ring:
 
     def tables(self) -> tuple[np.ndarray, np.ndarray]:
         """New (Dh,) float32 cos, sin of the next bin (the bound CPU path writes its own buffers instead)."""
-        cos, sin = (np.empty(self.head_dim, dtype=np.float32) for _ in range(2))
-        self.rotary.write(self.next_bin, cos, sin)
-        return cos, sin
+        return self.rotary.new(self.next_bin)
 
     def write(self, new_kv: list[np.ndarray]) -> None:
         """Store the newest bin's (B, H, K, Dh) keys/values in its slot and advance the clock."""

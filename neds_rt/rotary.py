@@ -11,9 +11,7 @@ def rotary_step_tables(bin_index: int, head_dim: int, base: float) -> tuple[np.n
     Float64 angles keep relative positions exact for streams of any length: at bin 10**7 (55 hours) a
     float32 angle would already be off by ~0.5 rad.
     """
-    cos, sin = (np.empty(head_dim, dtype=np.float32) for _ in range(2))
-    RotaryTables(head_dim, base).write(bin_index, cos, sin)
-    return cos, sin
+    return RotaryTables(head_dim, base).new(bin_index)
 
 
 class RotaryTables:
@@ -31,3 +29,9 @@ class RotaryTables:
         np.multiply(self._freq, float(bin_index), out=self._angles)
         np.cos(self._angles, out=cos, casting="same_kind")  # float64 cos, rounded once to float32
         np.sin(self._angles, out=sin, casting="same_kind")
+
+    def new(self, bin_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """New (head_dim,) float32 cos, sin arrays holding the tables of ``bin_index``."""
+        cos, sin = (np.empty(self._freq.size, dtype=np.float32) for _ in range(2))
+        self.write(bin_index, cos, sin)
+        return cos, sin
