@@ -122,7 +122,8 @@ class InferenceBenchConfig:
             raise invalid("bench inference cuda_batches", "must all be >= 1", self.cuda_batches,
                           kind=ConfigError)
 
-    def sizes(self) -> dict[str, int]:
+    def sizes(self) -> dict[str, Any]:
+        """The model sizes given (hidden, heads, mlp, layers), as ``NEDSConfig`` keyword arguments."""
         return {k: v for k in ("hidden", "heads", "mlp", "layers") if (v := getattr(self, k)) is not None}
 
 
@@ -499,7 +500,7 @@ def _result(cfg: InferenceBenchConfig, rows: list[_Row], skipped: list[dict[str,
         })
     primary = next(t for t in table if t["row"] == PRIMARY)
     quantized = {scheme: row for name, scheme in QUANTIZED.items() for row in table if row["row"] == name}
-    sizes = asdict(NEDSConfig(mode="streaming", dropout=0.0, n_bins=cfg.context, **cfg.sizes()))  # type: ignore[arg-type]
+    sizes = asdict(NEDSConfig(mode="streaming", dropout=0.0, n_bins=cfg.context, **cfg.sizes()))
     return {
         "parameters": asdict(cfg) | {"bin_size_s": 0.02, "session": EID},
         "model": {k: sizes[k] for k in ("hidden", "heads", "mlp", "layers", "tokens")} | model,

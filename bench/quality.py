@@ -47,7 +47,7 @@ _NOISE_LATENTS = ("noise_fast", "noise_mid", "noise_slow")  # the simulator's la
 class QualityConfig:
     """Size of the comparison. The defaults are the full benchmark; :meth:`quick` is the few-minute one.
 
-    Run times (2-core CPU shared with other jobs, 1 torch thread): ``--quick`` measured 365-517 s. Full size
+    Run times (2-core CPU shared with other jobs, 1 torch thread): ``--quick`` measured 225-517 s. Full size
     (10 + 2 IBL-like sessions, ~400 TRAIN trials each, ``default`` preset, 30 epochs per run) is estimated,
     from a measured ~12 s per 16-trial step of the default model on that CPU, at ~25 h of pretraining plus
     ~10 h per held-out session: run it on a GPU (not measured here).

@@ -13,6 +13,8 @@ from neds_rt.errors import ConfigError, ModelFileError
 from training.config import NEDSConfig, layers_for_sessions
 from training.masking import eval_mask
 from training.model import (
+    BLOCK,
+    CHOICE,
     MODALITIES,
     NEDS,
     SPIKES,
@@ -148,6 +150,27 @@ def test_token_layout_defaults_and_old_checkpoints() -> None:
     assert NEDSConfig.from_dict({"mode": "streaming"}).tokens == "modality"
     with pytest.raises(ConfigError, match="tokens"):
         NEDSConfig(tokens="pooled")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reads_spikes", [True, False])
+def test_class_heads_read_the_class_and_spike_tokens(reads_spikes: bool) -> None:
+    """Per-modality tokens: the choice and block logits of each bin come from the class token's final state,
+    plus the spike token's when ``class_reads_spikes``; a config saved before the option reads the class
+    token alone."""
+    torch.manual_seed(6)
+    model = NEDS(NEDSConfig.preset("tiny", n_bins=12, class_reads_spikes=reads_spikes)).eval()
+    mods = model.add_session(EID, 7)
+    args = inputs(2, 12, 7, seed=3)
+    mask = eval_mask("decoding", 2, 12)
+    h = model.encode(model.embed(EID, *args, mask), 12).view(2, 12, 5, -1)  # (B, T, M, hidden)
+    out = model(EID, *args, mask)
+    for modality, head, logits in ((CHOICE, mods.choice_out, out.choice), (BLOCK, mods.block_out, out.block)):
+        state = h[:, :, modality] + (h[:, :, SPIKES] if reads_spikes else 0.0)  # (B, T, hidden)
+        torch.testing.assert_close(logits, head(state))
+        other = h[:, :, modality] + (0.0 if reads_spikes else h[:, :, SPIKES])
+        assert not torch.allclose(logits, head(other), atol=1e-4)
+    assert NEDSConfig.from_dict({"hidden": 32, "heads": 4}).class_reads_spikes is False
+    assert NEDSConfig().class_reads_spikes is True
 
 
 def test_fused_token_is_the_sum_of_the_modality_tokens() -> None:

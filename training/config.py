@@ -41,6 +41,12 @@ class NEDSConfig:
     # "fused" is one token per bin, the sum of the five (masked or not) modality tokens, read by every head.
     # "auto" picks "fused" in streaming mode (a step then appends 1 token, not 5) and "modality" offline.
     tokens: Literal["auto", "modality", "fused"] = "auto"
+    # Per-modality tokens only: the choice and block heads read their own token's final state plus the bin's
+    # spike token's. The spike token carries the bin's stitched counts in its residual stream, as the fused
+    # token does, so a trial's class logits hold a linear read-out of its summed spikes; read alone, the class
+    # token must gather that through attention first, and choice, a weak mixed-sign signal, then trained late
+    # or never (README, "Decode quality"). False reads the class token alone (checkpoints written before).
+    class_reads_spikes: bool = True
 
     def __post_init__(self) -> None:
         for name in ("hidden", "heads", "mlp", "layers", "n_bins"):
@@ -88,8 +94,9 @@ class NEDSConfig:
         if extra:
             raise invalid(source, "holds NEDSConfig keys this version does not know", extra,
                           "use a checkpoint written by this version of neds-rt", kind=ConfigError)
-        # checkpoints written before the token layout was configurable hold one token per modality
-        return cls(**{"tokens": "modality", **data})
+        # checkpoints written before the token layout was configurable hold one token per modality, and those
+        # written before class_reads_spikes read the class tokens alone
+        return cls(**{"tokens": "modality", "class_reads_spikes": False, **data})
 
     @classmethod
     def preset(cls, name: str = "default", n_sessions: int = 1, **overrides: Any) -> NEDSConfig:

@@ -17,9 +17,10 @@ of a bin) act on queries and keys.
 
 Heads (per session, on the final hidden states): spikes ``Linear(hidden -> N_s)`` Poisson log-rates (log
 expected count per bin); wheel/whisker ``Linear(hidden -> 1)`` regression; choice ``Linear(hidden -> 2)``
-and block ``Linear(hidden -> 3)`` per-bin logits. The trial's class logits are the mean of the per-bin logits
-over the bins, which equals a linear read-out of the mean-pooled tokens (see :func:`trial_logits`); keeping
-per-bin logits lets the streaming mode emit a class estimate every bin.
+and block ``Linear(hidden -> 3)`` per-bin logits, read from the class token plus the bin's spike token
+(``cfg.class_reads_spikes``, see :meth:`NEDS.class_state`). The trial's class logits are the mean of the
+per-bin logits over the bins, which equals a linear read-out of the mean-pooled tokens (see
+:func:`trial_logits`); keeping per-bin logits lets the streaming mode emit a class estimate every bin.
 
 Sessions are keyed by eid: ``add_session(eid, n_units)`` adds the session's tokenizers, embedding and heads
 to ``nn.ModuleDict``s; no code or list edit is needed for a new session.
@@ -187,6 +188,14 @@ class NEDS(nn.Module):
         """Index, within a bin's K tokens, of the token whose final state ``modality``'s head reads."""
         return 0 if self.cfg.fused else modality
 
+    def class_state(self, h: Tensor, modality: int) -> Tensor:
+        """Final states of a bin's tokens (..., K, hidden) -> what the ``modality`` class head reads (...,
+        hidden): its own token, plus the spike token when ``cfg.class_reads_spikes`` (per-modality tokens)."""
+        state = h[..., self.token(modality), :]
+        if self.cfg.class_reads_spikes and not self.cfg.fused:
+            state = state + h[..., self.token(SPIKES), :]
+        return state
+
     # ---- sessions -------------------------------------------------------------------------------------
     @property
     def eids(self) -> list[str]:
@@ -310,8 +319,8 @@ class NEDS(nn.Module):
             spikes=mods.spikes_out(h[:, :, at(SPIKES)]),  # (B, T, N) log expected counts per bin
             wheel=mods.wheel_out(h[:, :, at(WHEEL)]).squeeze(-1),  # (B, T)
             whisker=mods.whisker_out(h[:, :, at(WHISKER)]).squeeze(-1),  # (B, T)
-            choice=mods.choice_out(h[:, :, at(CHOICE)]),  # (B, T, 2)
-            block=mods.block_out(h[:, :, at(BLOCK)]),  # (B, T, 3)
+            choice=mods.choice_out(self.class_state(h, CHOICE)),  # (B, T, 2)
+            block=mods.block_out(self.class_state(h, BLOCK)),  # (B, T, 3)
         )
 
     def forward(

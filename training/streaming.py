@@ -63,8 +63,8 @@ def decode_outputs(model: NEDS, eid: str, h: Tensor) -> tuple[Tensor, Tensor]:
     if norm is not None:
         wheel = wheel * (norm.wheel_max - norm.wheel_min) + norm.wheel_min
         whisker = whisker * (norm.whisker_max - norm.whisker_min) + norm.whisker_min
-    p_choice = F.softmax(mods.choice_out(h[..., at(CHOICE), :]), dim=-1)[..., 1:2]  # (..., 1) P(choice=+1)
-    p_block = F.softmax(mods.block_out(h[..., at(BLOCK), :]), dim=-1)  # (..., 3)
+    p_choice = F.softmax(mods.choice_out(model.class_state(h, CHOICE)), dim=-1)[..., 1:2]  # (..., 1) P(cw)
+    p_block = F.softmax(mods.block_out(model.class_state(h, BLOCK)), dim=-1)  # (..., 3)
     decodes = torch.cat([wheel, whisker, p_choice, p_block], dim=-1)  # (..., 6)
     return decodes, mods.spikes_out(h[..., at(SPIKES), :])  # (..., N) log expected counts
 
