@@ -94,6 +94,9 @@ def train(
     mask_ratio: Annotated[float | None, typer.Option(
         help="Fraction of bins the within-modality and cross-modal masks hide. Default 0.3, or the "
              "checkpoint's when fine-tuning.")] = None,
+    refit_class_heads: Annotated[bool, typer.Option(
+        help="At the end, refit best.pt's choice and block heads by logistic regression on its frozen "
+             "TRAIN features (C cross-validated on TRAIN).")] = True,
     max_steps: Annotated[int, typer.Option(min=0, help="Stop after this many steps (0: all epochs).")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -129,7 +132,8 @@ def train(
         if finetune_from is None and not resume:
             model_cfg = NEDSConfig.preset(preset, n_sessions=len(arrays), mode=mode, tokens=tokens)
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps,
-                           device=device, progress=progress, spike_weight=spike_weight)
+                           device=device, progress=progress, spike_weight=spike_weight,
+                           refit_class_heads=refit_class_heads)
         result = run_training(arrays, out, model_cfg, tcfg, finetune_from=finetune_from,
                               mask_ratio=mask_ratio, resume=resume)
     except NedsRtError as err:
@@ -138,6 +142,9 @@ def train(
         typer.echo(f"trained {len(arrays)} sessions, {count_parameters(result.model):,} parameters, "
                    f"{result.steps} steps, {result.trials_per_s:.1f} trials/s")
         typer.echo(f"best epoch {result.best_epoch}, validation score {result.best_score:.4f}")
+        for r in result.class_head_refit:
+            typer.echo(f"{r.head} head of {r.eid}: {r.kept}, VAL balanced accuracy {r.val_bacc_trained:.3f} "
+                       f"-> {r.val_bacc:.3f} (the trained head's is biased up by epoch selection)")
         typer.echo(f"run folder: {out} (best.pt, last.pt, metrics.json)")
 
 

@@ -316,7 +316,7 @@ def test_nan_loss_stops_with_step_and_trials(tmp_path: Path) -> None:
 
 
 def test_bins_mismatch_and_bad_train_config(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="20 bins per trial"):
+    with pytest.raises(DataError, match=r"20 bins per trial but the model has n_bins=100\. Build"):
         train([synthetic_arrays(EIDS[0])], tmp_path / "run", NEDSConfig.preset("tiny"), quick())
     with pytest.raises(ConfigError, match=r"TrainConfig\.batch_size"):
         TrainConfig(batch_size=0)

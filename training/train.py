@@ -10,6 +10,9 @@
   (the encoding-only and decoding-only variants average their own task's metrics alone), and
   the masked validation loss; ``best.pt`` keeps the best score, ``last.pt`` the latest state (for resume);
   ``metrics.json`` the history.
+- at the end (``TrainConfig.refit_class_heads``, runs that train the class heads): the choice and block heads
+  of ``best.pt`` are refitted by logistic regression on its frozen TRAIN features (:mod:`training.refit`);
+  what was done is recorded in ``best.pt`` (``extra["class_head_refit"]``) and ``metrics.json``.
 - Fine-tuning (``finetune_from``) keeps the checkpoint's shared transformer and embeddings and builds new
   stitching layers, session embedding and heads for the sessions trained on.
 """
@@ -32,6 +35,7 @@ from torch import nn
 from neds_rt.errors import ConfigError, DataError, invalid
 from training import metrics as _metrics
 from training.arrays import N_BLOCK, N_CHOICE, SPLITS, TRAIN, VAL, TrialArrays
+from training.checkpoint import build_model as model_from_checkpoint
 from training.checkpoint import (
     check_vocab,
     config_of,
@@ -46,6 +50,7 @@ from training.distributed import DistInfo, all_mean, barrier, init_distributed, 
 from training.loader import Batch, check_splits, iter_batches, make_batch, plan_epoch
 from training.masking import Scheme, draw_masks, eval_mask, masked_losses, target_variance
 from training.model import NEDS, SessionModules, count_parameters, trial_logits
+from training.refit import HeadRefit, refit_class_heads
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,7 @@ class TrainResult:
     steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
     trials_per_s: float = float("nan")
+    class_head_refit: list[HeadRefit] = field(default_factory=list)  # what the refit of best.pt did
 
 
 # ---- schedule and model --------------------------------------------------------------------------
@@ -142,8 +148,9 @@ def _as_mapping(arrays: Mapping[str, TrialArrays] | Sequence[TrialArrays]) -> di
 def _check_bins(cfg: NEDSConfig, arrays: Mapping[str, TrialArrays]) -> None:
     for eid, arr in arrays.items():
         if arr.n_bins != cfg.n_bins:
-            raise invalid(f"session {eid}", f"has {arr.n_bins} bins per trial but the model has n_bins",
-                          arr.n_bins, f"build the arrays with {cfg.n_bins} bins or set NEDSConfig.n_bins",
+            raise invalid(f"session {eid}", f"has {arr.n_bins} bins per trial but the model has "
+                          f"n_bins={cfg.n_bins}", None,
+                          f"build the arrays with {cfg.n_bins} bins or set NEDSConfig.n_bins",
                           kind=DataError)
 
 
@@ -507,8 +514,30 @@ def _train(
                 "best": {"epoch": best_epoch, "score": best_score}, "history": history,
             })
         barrier(info)
+    refits: list[HeadRefit] = []
+    if info.is_main and tcfg.refit_class_heads and "choice_bacc" in scored_metrics(tcfg.schemes) \
+            and (out / "best.pt").exists():
+        refits = _refit_best(out, data, tcfg, device)
     return TrainResult(out=out, model=model, best_score=best_score, best_epoch=best_epoch, steps=step,
-                       history=history, trials_per_s=trials_seen / step_time if step_time else float("nan"))
+                       history=history, trials_per_s=trials_seen / step_time if step_time else float("nan"),
+                       class_head_refit=refits)
+
+
+def _refit_best(out: Path, data: Mapping[str, TrialArrays], tcfg: TrainConfig,
+                device: torch.device) -> list[HeadRefit]:
+    """Refit the class heads of ``out/best.pt`` (:mod:`training.refit`), rewrite it, and record what was done
+    in it and in ``metrics.json``. ``last.pt`` keeps the trained heads (resume continues from them)."""
+    path = out / "best.pt"
+    ckpt = read_checkpoint(path, device)
+    best = model_from_checkpoint(ckpt, path).to(device)
+    refits = refit_class_heads(best, data, batch_size=tcfg.eval_batch_size, device=device)
+    record = [asdict(r) for r in refits]
+    save_checkpoint(path, best, step=ckpt["step"], epoch=ckpt["epoch"], best_score=ckpt["best_score"],
+                    train_config=ckpt["train_config"], extra={**ckpt["extra"], "class_head_refit": record})
+    metrics_path = out / "metrics.json"
+    if metrics_path.exists():
+        _write_metrics(metrics_path, {**json.loads(metrics_path.read_text()), "class_head_refit": record})
+    return refits
 
 
 def load_run_arrays(
