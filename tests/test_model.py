@@ -3,8 +3,6 @@ parameter count, config rules."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -27,16 +25,8 @@ from training.model import (
     session_key,
 )
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_torch_thread")]
 EID = "d2f5a130-b981-4546-8858-c94ae1da75ff"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(mode: str = "offline", tokens: str = "auto") -> NEDSConfig:

@@ -5,7 +5,6 @@ TRAIN); training refits best.pt and records it; runs that never train the class 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,28 +15,19 @@ from sklearn.linear_model import LogisticRegression
 
 from neds_rt.errors import DataError
 from tests.test_train import EIDS, quick, synthetic_arrays, tiny_cfg
-from training.arrays import TRAIN, VAL
+from training.arrays import TRAIN, VAL, TrialArrays
 from training.checkpoint import load_checkpoint, read_checkpoint
+from training.loader import make_batch
+from training.masking import eval_mask
 from training.model import BLOCK, CHOICE
 from training.refit import class_states, refit_class_heads, refit_head, select_c
 from training.train import build_model, evaluate_session, train
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _trial_pred(model: torch.nn.Module, arr, rows: np.ndarray, name: str) -> np.ndarray:
+def _trial_pred(model: torch.nn.Module, arr: TrialArrays, rows: np.ndarray, name: str) -> np.ndarray:
     """Class predicted by the model's forward (decoding mask) for ``rows``: argmax of the trial logits."""
-    from training.loader import make_batch
-    from training.masking import eval_mask
-
     batch = make_batch(arr, rows)
     with torch.no_grad():
         out = model(batch.eid, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block,
