@@ -14,6 +14,8 @@ from neds_rt.errors import ConfigError, ModelFileError, StreamError
 from neds_rt.model_meta import META_KEY, ModelMeta
 from tests._models import export_tiny, tiny_streaming_model
 from training.export import export_model, weights_sha256
+from training.model import session_key
+from training.quantize import FLOAT_HEADS
 from training.streaming import banded_recompute
 
 CONTEXT = 16
@@ -274,8 +276,13 @@ def test_quantized_export_quantizes_weights_and_stays_close_to_float32(  # type:
     ops = {node.op_type for node in graph.node}
     assert quant_ops <= ops and meta.extra["quantization"]["scheme"] == scheme
     assert "Gemm" not in ops or scheme == "int8"  # int4: every Linear became a quantized MatMul
-    assert not {t.name for t in graph.initializer} & {f"{name}.kn" for name in model.state_dict()}  # no
-    # float copy of a rewritten weight is left behind
+    # the exporter names each initializer after its parameter under the wrapper's "model." prefix
+    float_copies = {t.name for t in graph.initializer} & {f"model.{name}.kn" for name in model.state_dict()}
+    heads = {f"model.sessions.{session_key(model.eids[0])}.{h}.weight.kn" for h in FLOAT_HEADS}
+    assert float_copies == heads  # the behaviour heads stay float32 (read by plain MatMuls); no other
+    # rewritten weight is left behind in float
+    readers = {n.op_type for n in graph.node if set(n.input) & heads}
+    assert readers == {"MatMul"}
     q, f = open_engine(path), open_engine(files["onnx-step"])
     assert q.meta.extra["quantization"] == meta.extra["quantization"] and "quantization" not in f.meta.extra
     assert q.meta.weights_sha256 == f.meta.weights_sha256 == weights_sha256(model, model.eids[0])
