@@ -75,7 +75,7 @@ def test_a_class_missing_from_train_is_never_predicted() -> None:
     assert torch.isfinite(model.session(arr.eid).block_out.bias).all()
 
 
-def test_one_train_class_keeps_the_trained_head_and_too_few_trials_is_an_error() -> None:
+def test_one_or_no_train_class_keeps_the_trained_head_and_too_few_trials_is_an_error() -> None:
     head = torch.nn.Linear(4, 2)
     w0 = head.weight.detach().clone()
     rng = np.random.default_rng(0)
@@ -83,6 +83,9 @@ def test_one_train_class_keeps_the_trained_head_and_too_few_trials_is_an_error()
     labels = {TRAIN: np.zeros(10, dtype=np.int64), VAL: np.array([0, 1, 0, 1])}
     done = refit_head(head, states, labels, 2, eid="e", name="choice")
     assert done.kept == "trained" and done.C is None and torch.equal(head.weight, w0)
+    unlabelled = refit_head(head, states, {TRAIN: np.full(10, -1), VAL: labels[VAL]}, 2)  # per-bin: no label
+    assert unlabelled.kept == "trained" and unlabelled.n_train == 0 and np.isnan(unlabelled.train_bacc)
+    assert torch.equal(head.weight, w0)
     with pytest.raises(DataError, match="at least 2 labelled TRAIN trials"):
         select_c(rng.normal(size=(3, 4)), np.array([0, 1, 0]), np.zeros(3, dtype=np.int64), Cs=(1.0,),
                  folds=5, max_iter=100)

@@ -53,7 +53,7 @@ class HeadRefit:
 
     eid: str
     head: str  # "choice" or "block"
-    kept: str  # "refit" (the head was replaced) or "trained" (TRAIN holds one class: kept)
+    kept: str  # "refit" (the head was replaced) or "trained" (TRAIN holds fewer than 2 classes: kept)
     C: float | None  # inverse L2 strength chosen by cross-validation (None: the trained head was kept)
     val_bacc_trained: float  # VAL balanced accuracy of the trained head (biased up by epoch selection)
     val_bacc: float  # ... of the head kept (NaN: no VAL label)
@@ -166,16 +166,16 @@ def refit_head(
     max_iter: int = 2000,
 ) -> HeadRefit:
     """Refit one class ``head`` (``name`` of session ``eid``) in place from its TRAIN ``states`` and
-    ``labels`` (VAL, when present, only scores it); kept as trained only when TRAIN holds one class."""
+    ``labels`` (VAL, when present, only scores it); kept as trained when TRAIN holds fewer than 2 classes."""
     x_tr, y_tr, trial_tr = _samples(states[TRAIN], labels[TRAIN])
     x_va, y_va, _ = _samples(states[VAL], labels[VAL])
     weight = head.weight.detach().double().cpu().numpy()  # (C, hidden)
     bias = head.bias.detach().double().cpu().numpy()  # (C,)
     val_trained = balanced_accuracy(_predict(x_va, weight, bias), y_va) if y_va.size else float("nan")
+    train_trained = balanced_accuracy(_predict(x_tr, weight, bias), y_tr) if y_tr.size else float("nan")
     result = HeadRefit(eid=eid, head=name, kept="trained", C=None, val_bacc_trained=val_trained,
-                       val_bacc=val_trained, train_bacc=balanced_accuracy(_predict(x_tr, weight, bias), y_tr),
-                       n_train=int(y_tr.size))
-    if np.unique(y_tr).size < 2:  # one TRAIN class: nothing to separate
+                       val_bacc=val_trained, train_bacc=train_trained, n_train=int(y_tr.size))
+    if np.unique(y_tr).size < 2:  # no label or one TRAIN class: nothing to separate
         return result
     mu, sd = x_tr.mean(axis=0), x_tr.std(axis=0)
     sd = np.where(sd > 0, sd, 1.0)  # a constant feature gets weight 0 whatever its scale
