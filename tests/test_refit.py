@@ -1,6 +1,6 @@
 """The class-head refit: a refitted head gives, through the model's own forward, the predictions of the
-logistic regression it was fitted as (per-trial and per-bin labels, binary and 3-class, a class missing from
-TRAIN); training refits best.pt and records it; runs that never train the class heads are left alone."""
+logistic regression it was fitted as (binary and 3-class, a class missing from TRAIN); training refits
+best.pt and records it; runs that never train the class heads, and per-bin labels, are left alone."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from training.checkpoint import load_checkpoint, read_checkpoint
 from training.loader import make_batch
 from training.masking import eval_mask
 from training.model import BLOCK, CHOICE
-from training.refit import class_states, refit_class_heads, refit_head, select_c
+from training.refit import class_states, refit_class_heads, refit_head, refittable, select_c
 from training.train import build_model, evaluate_session, train
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
@@ -87,24 +87,24 @@ def test_one_or_no_train_class_keeps_the_trained_head_and_too_few_trials_is_an_e
     assert unlabelled.kept == "trained" and unlabelled.n_train == 0 and np.isnan(unlabelled.train_bacc)
     assert torch.equal(head.weight, w0)
     with pytest.raises(DataError, match="at least 2 labelled TRAIN trials"):
-        select_c(rng.normal(size=(3, 4)), np.array([0, 1, 0]), np.zeros(3, dtype=np.int64), Cs=(1.0,),
-                 folds=5, max_iter=100)
+        select_c(rng.normal(size=(1, 4)), np.array([0]), Cs=(1.0,), folds=5, max_iter=100)
 
 
-def test_per_bin_labels_refit_every_labelled_bin() -> None:
-    arr = synthetic_arrays(EIDS[0], n_trials=80, n_units=16, seed=5)
+def test_per_bin_labels_keep_the_trained_heads(tmp_path: Path) -> None:
+    arr = synthetic_arrays(EIDS[0], n_trials=40, n_units=16, seed=5)
     t = arr.spikes.shape[1]
     choice = np.repeat(arr.choice[:, None], t, axis=1)  # (K, T) per-bin labels, as continuous windows hold
     block = np.repeat(arr.block[:, None], t, axis=1)
-    choice[:, :3] = -1  # bins outside any trial have no label
-    block[:, :3] = -1
-    arr = replace(arr, choice=choice, block=block)
-    model = build_model(tiny_cfg(mode="streaming"), {arr.eid: arr}, seed=0).eval()
-    report = {r.head: r for r in refit_class_heads(model, {arr.eid: arr})}
-    tr = arr.subset(TRAIN)
-    assert report["choice"].n_train == tr.size * (t - 3)
-    assert report["choice"].train_bacc == pytest.approx(evaluate_session(model, arr, TRAIN)["choice_bacc"])
-    assert report["choice"].train_bacc > 0.7
+    choice[:, :3] = block[:, :3] = -1  # bins outside any trial have no label
+    windows = replace(arr, choice=choice, block=block)
+    assert refittable(arr) and not refittable(windows)
+    model = build_model(tiny_cfg(mode="streaming"), {arr.eid: windows}, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert refit_class_heads(model, {arr.eid: windows}) == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    res = train({arr.eid: windows}, tmp_path / "run", tiny_cfg(mode="streaming"), quick(epochs=1))
+    assert res.class_head_refit == []
+    assert "class_head_refit" not in read_checkpoint(tmp_path / "run" / "best.pt")["extra"]
 
 
 def test_training_refits_best_pt_and_records_it(tmp_path: Path) -> None:

@@ -148,7 +148,8 @@ class TrainConfig:
     # 0.72-0.75 and whisker 0.70 at every weight; the neuron count (537, the per-token sum) gave 0.021 but
     # cost wheel (0.66), choice (0.54) and block (0.49 balanced accuracy, against 0.80 and 0.67 at 100)
     spike_weight: float = SPIKE_WEIGHT
-    # refit the choice and block heads of best.pt on its frozen TRAIN features at the end (training.refit):
+    # refit the choice and block heads of best.pt on its frozen TRAIN features at the end, for sessions of
+    # trial windows (training.refit; per-bin labels keep the trained heads):
     # trained jointly they underfit (TRAIN choice 0.68-0.71 on the README's 400-trial session); refitted,
     # TEST block rose from 0.60 to 0.81 and choice from 0.68 to 0.71 (means of three seeds)
     refit_class_heads: bool = True

@@ -12,8 +12,8 @@ Schemes (``neds-rt export --quantize``):
 
 Both leave the behaviour heads (``wheel_out``, ``whisker_out``, ``choice_out``, ``block_out``: 1-3 output
 rows each) in float32 (:func:`float_heads`). They hold a few hundred weights, so quantizing them saves
-nothing, and their rounding lands on the decodes unfiltered: on the quick benchmark's streaming model, whose
-refitted class heads give probabilities that barely move, int4 class heads alone cut the R² of the int4
+nothing, and their rounding lands on the decodes unfiltered. On the quick benchmark's streaming model with
+class heads refitted per bin, whose probabilities barely moved, int4 class heads alone cut the R² of the int4
 class-probability decodes against float32 from >= 0.92 to 0.78.
 
 The quantizers work on ``MatMul`` nodes, and the exporter writes ``nn.Linear`` on a 2-D input as ``Gemm``

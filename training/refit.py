@@ -9,17 +9,21 @@ the end of the schedule the heads have not caught up with the features the trunk
 
 What. For each session and each class head, the states the head reads (:meth:`NEDS.class_state`, decoding
 mask: every behaviour token hidden, as in evaluation and serving) are taken on the session's TRAIN and VAL
-trials. With per-trial labels a trial's feature is its mean state over bins: the trial logits are the mean
-of the per-bin logits, so the head applied per bin and averaged is exactly a linear read-out of that mean.
-With per-bin labels (continuous windows, the streaming model) every labelled bin is a sample. Features are
+trials, and a trial's feature is its mean state over bins: the trial logits are the mean of the per-bin
+logits, so the head applied per bin and averaged is exactly a linear read-out of that mean. Features are
 z-scored on TRAIN; C (inverse L2 strength) is chosen by stratified k-fold cross-validation on the TRAIN
-samples (balanced accuracy of the pooled out-of-fold predictions; folds keep a trial's bins together), and
-the logistic regression refitted on all TRAIN samples with it replaces the head. VAL is not used: ``best.pt``
+trials (balanced accuracy of the pooled out-of-fold predictions), and the logistic regression refitted on
+all TRAIN trials with it replaces the head. VAL is not used: ``best.pt``
 is already the epoch with the best VAL score, so VAL is biased in the trained head's favour (choice 0.82-0.90
 there against 0.66-0.71 on TEST), and 40 VAL trials chose C too noisily for choice. VAL then scores the refit
 without bias (:class:`HeadRefit`). The refit is mapped back to the raw features and written into the head's
 ``Linear``, so checkpoints, exports and the streaming runtime use it unchanged. Nothing else in the model
 moves.
+
+Only trial windows are refitted (:func:`refittable`). Sessions with per-bin labels (continuous windows, the
+streaming model's training data) keep their trained heads: a per-bin refit fits tens of thousands of
+correlated bins, which took 1-3.5 min per head for the demo's small model on this CPU (the demo went from
+2.5 to 10 min), and on the quick benchmark it moved streaming choice only from 0.500 to 0.540.
 """
 
 from __future__ import annotations
@@ -58,8 +62,13 @@ class HeadRefit:
     val_bacc_trained: float  # VAL balanced accuracy of the trained head (biased up by epoch selection)
     val_bacc: float  # ... of the head kept (NaN: no VAL label)
     train_bacc: float  # TRAIN balanced accuracy of the head kept
-    n_train: int  # TRAIN samples (trials, or labelled bins for per-bin labels)
+    n_train: int  # labelled TRAIN trials
     cv_bacc: float = float("nan")  # cross-validated TRAIN balanced accuracy of the chosen C
+
+
+def refittable(arr: TrialArrays) -> bool:
+    """Whether :func:`refit_class_heads` refits a session: trial windows (one label per trial) only."""
+    return np.asarray(arr.choice).ndim == 1
 
 
 @torch.no_grad()
@@ -67,9 +76,8 @@ def class_states(
     model: NEDS, arr: TrialArrays, rows: np.ndarray, *, batch_size: int = 32,
     device: torch.device | str = "cpu",
 ) -> dict[int, np.ndarray]:
-    """Decoding-mask states each class head reads, on ``rows`` of one session: {CHOICE, BLOCK} -> (K, hidden)
-    trial means for per-trial labels, or (K, T, hidden) per bin for per-bin labels."""
-    per_bin = arr.choice.ndim == 2
+    """Decoding-mask states each class head reads, averaged over the bins of each trial ``rows`` of one
+    session: {CHOICE, BLOCK} -> (K, hidden)."""
     states: dict[int, list[np.ndarray]] = {CHOICE: [], BLOCK: []}
     was_training = model.training
     model.eval()
@@ -80,20 +88,16 @@ def class_states(
                         eval_mask("decoding", b, t).to(device))  # (B, T*K, hidden)
         h = model.encode(x, t).view(b, t, model.tokens_per_bin, -1)  # (B, T, K, hidden)
         for modality, chunks in states.items():
-            s = model.class_state(h, modality)  # (B, T, hidden)
-            chunks.append((s if per_bin else s.mean(dim=1)).float().cpu().numpy())
+            chunks.append(model.class_state(h, modality).mean(dim=1).float().cpu().numpy())  # (B, hidden)
     model.train(was_training)
     return {m: np.concatenate(chunks) for m, chunks in states.items()}
 
 
-def _samples(states: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(K, hidden) or (K, T, hidden) states, (K,) or (K, T) labels -> the labelled samples: (n, hidden)
-    features, (n,) labels and (n,) trial of each."""
-    x = states.reshape(-1, states.shape[-1]).astype(np.float64)
-    y = np.asarray(labels).reshape(-1).astype(np.int64)
-    trial = np.repeat(np.arange(labels.shape[0]), x.shape[0] // labels.shape[0])  # (n_all,)
+def _labelled(states: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(K, hidden) states, (K,) labels -> those of the trials with a label (>= 0), as float64 / int64."""
+    y = np.asarray(labels).astype(np.int64)
     keep = y >= 0
-    return x[keep], y[keep], trial[keep]
+    return states[keep].astype(np.float64), y[keep]
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> Any:
@@ -105,21 +109,23 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> Any:
         return LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
 
 
-def select_c(x: np.ndarray, y: np.ndarray, trial: np.ndarray, *, Cs: Sequence[float], folds: int,
+def select_c(x: np.ndarray, y: np.ndarray, *, Cs: Sequence[float], folds: int,
              max_iter: int) -> tuple[float, float]:
     """C of ``Cs`` with the best balanced accuracy of the pooled out-of-fold predictions of a stratified
-    ``folds``-fold split of the samples (a trial's samples stay in one fold); ties go to the stronger penalty.
-    Returns (C, its cross-validated balanced accuracy)."""
+    ``folds``-fold split of the (n, F) samples ``x``; ties go to the stronger penalty. Returns (C, its
+    cross-validated balanced accuracy)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    n_folds = min(folds, int(np.unique(trial).size))
+    n_folds = min(folds, int(y.size))
     if n_folds < 2:
         raise invalid("class head refit", "needs at least 2 labelled TRAIN trials to cross-validate C",
-                      n_folds, "train on a session with more TRAIN trials", kind=DataError)
+                      int(y.size), "train on a session with more TRAIN trials", kind=DataError)
+    # one group per trial, the splits the README's figures were measured with: at ~100 TRAIN trials the C
+    # chosen moves with the fold assignment (README, the quick benchmark)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=0)
     with warnings.catch_warnings():  # a class rarer than the folds are many only warns; its folds still work
         warnings.simplefilter("ignore", UserWarning)
-        split = list(splitter.split(x, y, trial))
+        split = list(splitter.split(x, y, np.arange(y.size)))
     best: tuple[float, float] | None = None
     for c in sorted(Cs):
         pred = np.empty_like(y)
@@ -165,10 +171,11 @@ def refit_head(
     folds: int = 5,
     max_iter: int = 2000,
 ) -> HeadRefit:
-    """Refit one class ``head`` (``name`` of session ``eid``) in place from its TRAIN ``states`` and
-    ``labels`` (VAL, when present, only scores it); kept as trained when TRAIN holds fewer than 2 classes."""
-    x_tr, y_tr, trial_tr = _samples(states[TRAIN], labels[TRAIN])
-    x_va, y_va, _ = _samples(states[VAL], labels[VAL])
+    """Refit one class ``head`` (``name`` of session ``eid``) in place from its (K, hidden) TRAIN ``states``
+    and (K,) ``labels`` (VAL, when present, only scores it); kept as trained when TRAIN holds fewer than 2
+    classes."""
+    x_tr, y_tr = _labelled(states[TRAIN], labels[TRAIN])
+    x_va, y_va = _labelled(states[VAL], labels[VAL])
     weight = head.weight.detach().double().cpu().numpy()  # (C, hidden)
     bias = head.bias.detach().double().cpu().numpy()  # (C,)
     val_trained = balanced_accuracy(_predict(x_va, weight, bias), y_va) if y_va.size else float("nan")
@@ -180,7 +187,7 @@ def refit_head(
     mu, sd = x_tr.mean(axis=0), x_tr.std(axis=0)
     sd = np.where(sd > 0, sd, 1.0)  # a constant feature gets weight 0 whatever its scale
     z_tr = (x_tr - mu) / sd
-    c_best, cv_score = select_c(z_tr, y_tr, trial_tr, Cs=Cs, folds=folds, max_iter=max_iter)
+    c_best, cv_score = select_c(z_tr, y_tr, Cs=Cs, folds=folds, max_iter=max_iter)
     fitted = _fit_logistic(z_tr, y_tr, c_best, max_iter)
     new_w, new_b = _raw_weights(fitted, mu, sd, n_classes)
     with torch.no_grad():
@@ -203,11 +210,15 @@ def refit_class_heads(
     batch_size: int = 32,
     device: torch.device | str = "cpu",
 ) -> list[HeadRefit]:
-    """Refit the choice and block heads of every session of ``arrays`` (see the module docstring); the model
-    is changed in place. Returns one :class:`HeadRefit` per session and head."""
+    """Refit the choice and block heads of every session of ``arrays`` with trial labels (see the module
+    docstring; :func:`refittable`); the model is changed in place. Returns one :class:`HeadRefit` per
+    refitted session and head."""
     report: list[HeadRefit] = []
     for eid in sorted(arrays):
         arr = arrays[eid]
+        if not refittable(arr):
+            log.info("class heads of %s: kept as trained (per-bin labels are not refitted)", eid)
+            continue
         mods = model.session(eid)
         split_rows = {split: arr.subset(split) for split in (TRAIN, VAL)}
         per_split = {split: class_states(model, arr, rows, batch_size=batch_size, device=device)

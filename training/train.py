@@ -10,8 +10,9 @@
   (the encoding-only and decoding-only variants average their own task's metrics alone), and
   the masked validation loss; ``best.pt`` keeps the best score, ``last.pt`` the latest state (for resume);
   ``metrics.json`` the history.
-- at the end (``TrainConfig.refit_class_heads``, runs that train the class heads): the choice and block heads
-  of ``best.pt`` are refitted by logistic regression on its frozen TRAIN features (:mod:`training.refit`);
+- at the end (``TrainConfig.refit_class_heads``, runs on trial windows that train the class heads): the
+  choice and block heads of ``best.pt`` are refitted by logistic regression on its frozen TRAIN features
+  (:mod:`training.refit`);
   what was done is recorded in ``best.pt`` (``extra["class_head_refit"]``) and ``metrics.json``.
 - Fine-tuning (``finetune_from``) keeps the checkpoint's shared transformer and embeddings and builds new
   stitching layers, session embedding and heads for the sessions trained on.
@@ -50,7 +51,7 @@ from training.distributed import DistInfo, all_mean, barrier, init_distributed, 
 from training.loader import Batch, check_splits, iter_batches, make_batch, plan_epoch
 from training.masking import Scheme, draw_masks, eval_mask, masked_losses, target_variance
 from training.model import NEDS, SessionModules, count_parameters, trial_logits
-from training.refit import HeadRefit, refit_class_heads
+from training.refit import HeadRefit, refit_class_heads, refittable
 
 log = logging.getLogger(__name__)
 
@@ -516,7 +517,7 @@ def _train(
         barrier(info)
     refits: list[HeadRefit] = []
     if info.is_main and tcfg.refit_class_heads and "choice_bacc" in scored_metrics(tcfg.schemes) \
-            and (out / "best.pt").exists():
+            and any(refittable(arr) for arr in data.values()) and (out / "best.pt").exists():
         refits = _refit_best(out, data, tcfg, device)
     return TrainResult(out=out, model=model, best_score=best_score, best_epoch=best_epoch, steps=step,
                        history=history, trials_per_s=trials_seen / step_time if step_time else float("nan"),
