@@ -21,7 +21,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
@@ -261,6 +261,17 @@ def fit_lagged_ridge(
 # ------------------------------------------------------------------------------------------ logistic
 
 
+def fit_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> Any:
+    """An L2 logistic regression (inverse strength ``c``) fitted on (n, F) ``x``, (n,) ``y``; an unconverged
+    solver is kept quietly (``max_iter`` bounds it)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
+
+
 def fit_trial_logistic(
     features: np.ndarray,
     labels: dict[str, tuple[np.ndarray, int]],
@@ -275,9 +286,6 @@ def fit_trial_logistic(
     span of the centred TRAIN rows (an orthonormal basis, so the L2-penalised fit is unchanged, only
     faster). C is chosen on VAL by balanced accuracy (ties go to the stronger penalty).
     """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
     _check_grid("Cs", Cs)
     k = features.shape[0]
     tr, va, te = _split_rows(split, k)
@@ -299,10 +307,7 @@ def fit_trial_logistic(
                           "use a session with both outcomes, or a larger TRAIN split", kind=DataError)
         best: tuple[float, float, object] | None = None
         for c in sorted(Cs):
-            model = LogisticRegression(C=c, max_iter=max_iter)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                model.fit(z[tr], y[tr])
+            model = fit_logistic(z[tr], y[tr], c, max_iter)
             score = balanced_accuracy(model.predict(z[va]), y[va])
             if best is None or score > best[0]:
                 best = (score, c, model)

@@ -40,6 +40,7 @@ from torch import nn
 
 from neds_rt.errors import DataError, invalid
 from training.arrays import N_BLOCK, N_CHOICE, TRAIN, VAL, TrialArrays
+from training.baselines import fit_logistic
 from training.loader import make_batch
 from training.masking import eval_mask
 from training.metrics import balanced_accuracy
@@ -100,15 +101,6 @@ def _labelled(states: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     return states[keep].astype(np.float64), y[keep]
 
 
-def _fit_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> Any:
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
-
-
 def select_c(x: np.ndarray, y: np.ndarray, *, Cs: Sequence[float], folds: int,
              max_iter: int) -> tuple[float, float]:
     """C of ``Cs`` with the best balanced accuracy of the pooled out-of-fold predictions of a stratified
@@ -130,7 +122,7 @@ def select_c(x: np.ndarray, y: np.ndarray, *, Cs: Sequence[float], folds: int,
     for c in sorted(Cs):
         pred = np.empty_like(y)
         for fit_rows, held in split:
-            pred[held] = _fit_logistic(x[fit_rows], y[fit_rows], c, max_iter).predict(x[held])
+            pred[held] = fit_logistic(x[fit_rows], y[fit_rows], c, max_iter).predict(x[held])
         score = balanced_accuracy(pred, y)
         if best is None or score > best[1]:
             best = (float(c), score)
@@ -188,7 +180,7 @@ def refit_head(
     sd = np.where(sd > 0, sd, 1.0)  # a constant feature gets weight 0 whatever its scale
     z_tr = (x_tr - mu) / sd
     c_best, cv_score = select_c(z_tr, y_tr, Cs=Cs, folds=folds, max_iter=max_iter)
-    fitted = _fit_logistic(z_tr, y_tr, c_best, max_iter)
+    fitted = fit_logistic(z_tr, y_tr, c_best, max_iter)
     new_w, new_b = _raw_weights(fitted, mu, sd, n_classes)
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(new_w).to(head.weight))
