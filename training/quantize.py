@@ -131,33 +131,35 @@ def float_heads(proto: Any) -> list[str]:
 
 
 def quantize_onnx(src: Path, dst: Path, scheme: str) -> None:
-    """Write ``src`` (a float32 ONNX file) quantized with ``scheme`` (``int8`` or ``int4``) to ``dst``."""
+    """Write ``src`` (a float32 ONNX file) quantized with ``scheme`` (``int8`` or ``int4``) to ``dst``: its
+    ``Gemm`` nodes rewritten as ``MatMul`` (:func:`gemm_as_matmul`), the behaviour heads left float32."""
     if scheme not in SCHEMES:
         raise invalid("--quantize", f"must be one of {QUANTIZE}", scheme, kind=ConfigError)
+    import onnx
+
+    proto = onnx.load(str(src))
+    gemm_as_matmul(proto)  # quantize_dynamic would rewrite Gemm itself, under names of its own
+    keep = float_heads(proto)
     with _quiet_quantizers():
         if scheme == "int8":
-            import onnx
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            proto = onnx.load(str(src))
-            gemm_as_matmul(proto)  # quantize_dynamic would rewrite Gemm itself, under names of its own
             quantize_dynamic(proto, dst, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=float_heads(proto))
+                             weight_type=QuantType.QInt8, nodes_to_exclude=keep)
         else:
-            _quantize_int4(src, dst)
+            _quantize_int4(proto, dst, keep)
 
 
-def _quantize_int4(src: Path, dst: Path) -> None:
-    import onnx
+def _quantize_int4(proto: Any, dst: Path, keep: list[str]) -> None:
+    """Block-quantize the ``MatMul`` weights of ``proto`` (Gemm already rewritten) to 4 bits, but for the
+    nodes ``keep``, and save to ``dst``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
-    proto = onnx.load(str(src))
-    gemm_as_matmul(proto)
     algo = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4, bits=4)
     quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=INT4_BLOCK, is_symmetric=True,
-                                     accuracy_level=4, algo_config=algo, nodes_to_exclude=float_heads(proto))
+                                     accuracy_level=4, algo_config=algo, nodes_to_exclude=keep)
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), False)
