@@ -23,14 +23,22 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bench import quality_plots as plots
-from bench.quality_report import add_model_rows, assemble, clean, write_report
+from bench.quality_bootstrap import HeldOut, region_intervals, trial_intervals
+from bench.quality_report import (
+    REGION_CHECKS,
+    add_model_rows,
+    assemble,
+    clean,
+    trial_comparisons,
+    write_report,
+)
 from neds_rt.errors import ConfigError, DataError, invalid
 
 if TYPE_CHECKING:
@@ -89,17 +97,6 @@ class QualityConfig:
                                     pretrain_epochs=10, finetune_epochs=15)
         base.update(overrides)
         return cls(**base)
-
-
-@dataclass
-class _Held:
-    """What the plots need of one held-out session."""
-
-    arr: TrialArrays
-    test: np.ndarray  # (K_test,) rows
-    wheel: dict[str, np.ndarray] = field(default_factory=dict)  # model -> (K_test, T)
-    whisker: dict[str, np.ndarray] = field(default_factory=dict)
-    rates: dict[str, np.ndarray] = field(default_factory=dict)  # model -> (K_test, T, N) expected counts
 
 
 @contextmanager
@@ -214,7 +211,7 @@ def neuron_embeddings(model: NEDS, eid: str) -> np.ndarray:
 
 
 # ---- per-session baselines and oracle --------------------------------------------------------------------
-def _baselines(arr: TrialArrays, held: _Held) -> dict[str, dict[str, float | None]]:
+def _baselines(arr: TrialArrays, held: HeldOut) -> dict[str, dict[str, float | None]]:
     from training.baselines import fit_rrr_encoder
     from training.metrics import bits_per_spike
 
@@ -227,7 +224,7 @@ def _baselines(arr: TrialArrays, held: _Held) -> dict[str, dict[str, float | Non
             "psth": {"bits_per_spike": clean(psth)}}
 
 
-def _linear_decoders(arr: TrialArrays, held: _Held) -> dict[str, float | None]:
+def _linear_decoders(arr: TrialArrays, held: HeldOut) -> dict[str, float | None]:
     """The linear decoders' TEST scores; when a label has one class on TRAIN (e.g. no biased block yet in a
     short session) the classifiers are left out (None) and the ridge decoders still run."""
     from training.arrays import TRAIN
@@ -246,11 +243,14 @@ def _linear_decoders(arr: TrialArrays, held: _Held) -> dict[str, float | None]:
                                alphas=lin.alphas)
         scores = {f"{k}_r2": v.r2 for k, v in reg.items()}
     held.wheel["linear"] = reg["wheel"].pred
+    if scores.get("choice_accuracy") is not None:
+        for name in ("choice", "block"):
+            getattr(held, name)["linear"] = dec.classification[name].pred
     held.whisker["linear"] = reg["whisker"].pred
     return {k: clean(v) for k, v in scores.items()}
 
 
-def _oracle(data: Path, arr: TrialArrays, held: _Held) -> dict[str, float | None]:
+def _oracle(data: Path, arr: TrialArrays, held: HeldOut) -> dict[str, float | None]:
     from training.metrics import bits_per_spike
     from training.oracle import decoding_ceiling, true_latents_for, true_rates_for
 
@@ -311,11 +311,11 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str) -> dict[str, A
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     ceilings: dict[str, dict[str, float | None]] = {}
     chances: dict[str, dict[str, float | None]] = {}
-    helds: dict[str, _Held] = {}
+    helds: dict[str, HeldOut] = {}
     finetuned: dict[str, NEDS] = {}
     for eid in heldout:
         arr = arrays[eid]
-        held = helds[eid] = _Held(arr=arr, test=arr.subset(TEST))
+        held = helds[eid] = HeldOut(arr=arr, test=arr.subset(TEST))
         t0 = time.perf_counter()
         rows = _baselines(arr, held)
         chances[eid] = {k: clean(v) for k, v in chance_levels(arr).items()}
@@ -357,16 +357,32 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str) -> dict[str, A
     }
     report = assemble(results, ceilings=ceilings, chances=chances, regions=regions, extra=extra)
     t0 = time.perf_counter()
+    report["check_intervals"] = _intervals(helds, region_data, cfg.seed)
+    timing["intervals_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     report["plots"] = _plots(out, report, helds, region_data, cfg)
     timing["plots_s"] = time.perf_counter() - t0
     return report
 
 
-def _keep_preds(held: _Held, name: str, pred: Mapping[str, np.ndarray]) -> None:
+def _keep_preds(held: HeldOut, name: str, pred: Mapping[str, np.ndarray]) -> None:
     if name in ("neds_single", "neds_multi"):
         held.wheel[name] = pred["wheel"]
         held.whisker[name] = pred["whisker"]
         held.rates[name] = np.exp(pred["log_rates"])  # (K_test, T, N) expected counts
+        held.choice[name] = pred["choice"].argmax(axis=1)  # (K_test,)
+        held.block[name] = pred["block"].argmax(axis=1)
+
+
+def _intervals(helds: Mapping[str, HeldOut], region_data: Mapping[str, Any], seed: int
+               ) -> dict[str, dict[str, Any]]:
+    """Paired-bootstrap intervals of the done-when checks (:mod:`bench.quality_bootstrap`)."""
+    out = trial_intervals(helds, trial_comparisons(), seed=seed)
+    if region_data:
+        neds, psth = region_data["neds"], region_data["psth"]
+        out.update(region_intervals(neds.pred == neds.true, psth.pred == psth.true, neds.chance_majority,
+                                    REGION_CHECKS, seed=seed))
+    return out
 
 
 def _regions(data: Path, arrays: Mapping[str, TrialArrays], pre: list[str], pretrained: NEDS,
@@ -424,7 +440,7 @@ def _regions(data: Path, arrays: Mapping[str, TrialArrays], pre: list[str], pret
     return scores, {"emb": x_emb, "regions": reg, "neds": neds, "psth": base}
 
 
-def _plots(out: Path, report: Mapping[str, Any], helds: Mapping[str, _Held], region_data: Mapping[str, Any],
+def _plots(out: Path, report: Mapping[str, Any], helds: Mapping[str, HeldOut], region_data: Mapping[str, Any],
            cfg: QualityConfig) -> list[str]:
     from training.regions import plot_confusion, plot_projection
 

@@ -115,34 +115,46 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+REGION_CHECKS: Final = ("region classification from NEDS embeddings beats chance (accuracy)",
+                         "region classification from NEDS embeddings beats the PSTH baseline (accuracy)")
+
+
+def trial_comparisons() -> list[tuple[str, str, str, str]]:
+    """``(check name, model, baseline, metric)`` of the done-when checks scored on TEST trials."""
+    out = [(f"NEDS beats the linear baseline on {task} ({metric})", HEADLINE, BASELINE_FOR_TASK[task], metric)
+           for task, metric in TASKS.items()]
+    out += [(f"multi-session NEDS beats single-session NEDS on {task} ({TASKS[task]})", HEADLINE,
+             "neds_single", TASKS[task]) for task in ("encoding", "wheel")]
+    return out
+
+
 def done_checks(mean: Mapping[str, Mapping[str, float | None]], regions: Mapping[str, Any] | None
                 ) -> list[dict[str, Any]]:
     """The issue's done-when checks on session means: ``{name, passed (bool or None), detail}``.
 
     ``passed`` is None when a number is missing (that model or score was not run)."""
     checks: list[dict[str, Any]] = []
-    neds = mean.get(HEADLINE, {})
 
     def compare(name: str, a_name: str, a: float | None, b_name: str, b: float | None) -> None:
         passed = None if a is None or b is None else bool(a > b)
         checks.append({"name": name, "passed": passed,
                        "detail": f"{a_name} {_fmt(a)} vs {b_name} {_fmt(b)}"})
 
-    for task, metric in TASKS.items():
-        base = BASELINE_FOR_TASK[task]
-        compare(f"NEDS beats the linear baseline on {task} ({metric})", HEADLINE, neds.get(metric),
-                base, mean.get(base, {}).get(metric))
-    single = mean.get("neds_single", {})
-    for task in ("encoding", "wheel"):
-        metric = TASKS[task]
-        compare(f"multi-session NEDS beats single-session NEDS on {task} ({metric})", HEADLINE,
-                neds.get(metric), "neds_single", single.get(metric))
+    for name, model, base, metric in trial_comparisons():
+        compare(name, model, mean.get(model, {}).get(metric), base, mean.get(base, {}).get(metric))
     reg = dict(regions or {})
-    compare("region classification from NEDS embeddings beats chance (accuracy)", "neds embeddings",
-            clean(reg.get("neds_accuracy")), "chance (majority)", clean(reg.get("chance_majority")))
-    compare("region classification from NEDS embeddings beats the PSTH baseline (accuracy)",
-            "neds embeddings", clean(reg.get("neds_accuracy")), "psth", clean(reg.get("psth_accuracy")))
+    compare(REGION_CHECKS[0], "neds embeddings", clean(reg.get("neds_accuracy")), "chance (majority)",
+            clean(reg.get("chance_majority")))
+    compare(REGION_CHECKS[1], "neds embeddings", clean(reg.get("neds_accuracy")), "psth",
+            clean(reg.get("psth_accuracy")))
     return checks
+
+
+def _interval_cell(iv: Mapping[str, Any] | None) -> str:
+    if not iv:
+        return "-"
+    lo, hi = iv["interval"]
+    return f"{iv['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]; better in {100 * iv['share_better']:.0f} %"
 
 
 _REGION_ROWS: Final = (
@@ -333,10 +345,16 @@ def markdown(report: Mapping[str, Any]) -> str:
                 f"{reg.get('n_splits', '?')}-fold cross-validated logistic regression; "
                 f"features: {reg.get('features', '?')}."
                 + (f" Ceiling: {reg['oracle_features']}." if reg.get("oracle_features") else ""), ""]
-    out += ["## Done-when checks", "", "| check | result | numbers |", "|---|---|---|"]
+    out += ["## Done-when checks", "",
+            "Interval: the difference (model - baseline) and its 95 % paired-bootstrap interval, resampling "
+            "the TEST trials (the neurons, for regions), and the share of resamples in which the model is "
+            "better. It does not include the spread between training seeds.", "",
+            "| check | result | numbers | interval |", "|---|---|---|---|"]
+    intervals = report.get("check_intervals") or {}
     for c in report["checks"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c["passed"]]
-        out.append(f"| {c['name']} | {verdict} | {c['detail']} |")
+        cell = _interval_cell(intervals.get(c["name"]))
+        out.append(f"| {c['name']} | {verdict} | {c['detail']} | {cell} |")
     out += ["", "## Models", ""] + [f"- `{m}`: {report['model_notes'].get(m, '')}" for m in models]
     if report.get("plots"):
         out += ["", "## Plots", ""] + [f"- [{p}]({p})" for p in report["plots"]]

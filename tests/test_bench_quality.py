@@ -17,12 +17,14 @@ from bench.quality_report import (
     GAP_METRICS,
     METRICS,
     MODEL_NOTES,
+    REGION_CHECKS,
     add_model_rows,
     assemble,
     fraction,
     gap_table,
     markdown,
     summary_table,
+    trial_comparisons,
     write_report,
 )
 from neds_rt.cli import app
@@ -395,6 +397,18 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
         assert 0.0 <= reg[f"{name}_accuracy"] <= 1.0
     assert reg["oracle_accuracy"] > reg["chance_majority"]
     assert len(rep["checks"]) == 9
+    intervals = rep["check_intervals"]
+    for name, model, base, metric in trial_comparisons():  # resampled metrics start from the report's own
+        a, b = rep["mean"][model][metric], rep["mean"][base][metric]
+        if a is None or b is None:  # e.g. a one-class TRAIN split leaves the linear classifiers out
+            assert name not in intervals
+            continue
+        iv = intervals[name]
+        assert iv["difference"] == pytest.approx(a - b, rel=1e-6, abs=1e-9)
+        assert iv["interval"][0] <= iv["interval"][1] and iv["n_boot"] == 2000
+    neds = reg["neds_accuracy"]
+    assert intervals[REGION_CHECKS[0]]["difference"] == pytest.approx(neds - reg["chance_majority"])
+    assert intervals[REGION_CHECKS[1]]["difference"] == pytest.approx(neds - reg["psth_accuracy"])
     for png in ("multi_vs_single.png", "traces_wheel.png", "traces_whisker.png", "psths.png",
                 "regions_projection.png", "regions_confusion.png"):
         assert (out / png).stat().st_size > 0
