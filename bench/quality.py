@@ -43,6 +43,7 @@ from neds_rt.errors import ConfigError, DataError, invalid
 
 if TYPE_CHECKING:
     from training.arrays import TrialArrays
+    from training.config import NEDSConfig, TrainConfig
     from training.model import NEDS
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class QualityConfig:
     streaming: bool = True  # also train and score a streaming (causal) NEDS per held-out session (issue 5)
     int8: bool = True  # also score the streaming NEDS exported with int8 weights, run by the step engine
     int4: bool = True  # ... and with 4-bit block-quantized weights
+    resume: bool = False  # reuse the finished training runs under OUT/models, continue the ones cut short
 
     def __post_init__(self) -> None:
         for name in ("n_pretrain", "n_heldout", "epochs", "pretrain_epochs", "finetune_epochs", "batch_size",
@@ -144,14 +146,28 @@ def _train_neds(arrays: Mapping[str, TrialArrays], out: Path, cfg: QualityConfig
                 schemes: tuple[str, ...] | None = None, finetune_from: Path | None = None) -> NEDS:
     """Train (or fine-tune) and return the VAL-best model (``best.pt``; a unimodal variant, drawing
     ``schemes``, is scored on its own task: :func:`training.train.scored_metrics`)."""
-    from training.checkpoint import load_checkpoint
     from training.config import SCHEMES, NEDSConfig, TrainConfig
-    from training.train import train
 
     tcfg = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, progress=False,
                        device=cfg.device, schemes=schemes or SCHEMES)
     model_cfg = None if finetune_from else NEDSConfig.preset(cfg.preset, n_sessions=len(arrays))
-    train(dict(arrays), out, model_cfg, tcfg, finetune_from=finetune_from)
+    return train_or_reuse(arrays, out, model_cfg, tcfg, finetune_from=finetune_from, resume=cfg.resume)
+
+
+def train_or_reuse(arrays: Mapping[str, TrialArrays], out: Path, model_cfg: NEDSConfig | None,
+                   tcfg: TrainConfig, *, finetune_from: Path | None = None, resume: bool = False) -> NEDS:
+    """Train into ``out`` and return its ``best.pt``. With ``resume`` (``--resume``) a run that ended there
+    with the same configuration is reused and one that was cut short continues from its ``last.pt``."""
+    from training.checkpoint import load_checkpoint
+    from training.train import finished_run, train
+
+    if resume and finished_run(out, arrays, tcfg, model_cfg, finetune_from):
+        log.info("reusing the finished run in %s", out)
+    elif resume and (out / "last.pt").exists():
+        log.info("resuming the run in %s", out)
+        train(dict(arrays), out, model_cfg, tcfg, resume=True)
+    else:
+        train(dict(arrays), out, model_cfg, tcfg, finetune_from=finetune_from)
     return load_checkpoint(out / "best.pt")
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from bench.quality import QualityConfig, add_streaming_rows, neds_metrics
+from bench.quality import QualityConfig, add_streaming_rows, neds_metrics, train_or_reuse
 from bench.quality_report import add_model_rows
 from neds_rt.errors import DataError, invalid
 
@@ -193,9 +193,7 @@ def train_streaming(arr: TrialArrays, cont: ContinuousArrays, out: Path, cfg: Qu
     """A streaming NEDS trained on the session's continuous windows (TEST trial windows cut out) for the
     offline NEDS's number of steps; the VAL-best model (``best.pt``) and what it was trained on."""
     from training.arrays import TEST, TRAIN, VAL
-    from training.checkpoint import load_checkpoint
     from training.config import NEDSConfig, TrainConfig
-    from training.train import train
     from training.windows import build_window_arrays
 
     test = arr.subset(TEST)
@@ -211,10 +209,10 @@ def train_streaming(arr: TrialArrays, cont: ContinuousArrays, out: Path, cfg: Qu
     tcfg = TrainConfig(epochs=epochs, max_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                        progress=False, device=cfg.device)
     model_cfg = NEDSConfig.preset(cfg.preset, n_sessions=1, mode="streaming", n_bins=arr.n_bins)
-    train({arr.eid: windows}, out, model_cfg, tcfg)
+    model = train_or_reuse({arr.eid: windows}, out, model_cfg, tcfg, resume=cfg.resume)
     info = {"train_windows": n_train, "val_windows": int(windows.subset(VAL).size), "steps": steps,
             "epochs": epochs, "excluded_test_trials": int(test.size)}
-    return load_checkpoint(out / "best.pt"), info
+    return model, info
 
 
 # ---- the bench step -------------------------------------------------------------------------------------

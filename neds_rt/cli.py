@@ -454,6 +454,9 @@ def bench_quality(
     int4: Annotated[bool, typer.Option(
         "--int4/--no-int4",
         help="With --streaming: also score the streaming NEDS exported with 4-bit weights.")] = True,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Reuse the training runs that ended under OUT/models and continue the ones cut "
+        "short (same settings only); for long runs that get interrupted.")] = False,
 ) -> None:
     """NEDS vs linear, RRR and unimodal baselines and the oracle ceiling, and the streaming NEDS's gap to the
     offline one: report.json/.md and PNGs."""
@@ -465,7 +468,7 @@ def bench_quality(
 
     fields: dict[str, Any] = {k: v for k, v in dict(n_pretrain=pretrain, n_heldout=heldout, preset=preset)
                               .items() if v is not None}
-    fields |= dict(seed=seed, threads=threads, streaming=streaming, int8=int8, int4=int4)
+    fields |= dict(seed=seed, threads=threads, streaming=streaming, int8=int8, int4=int4, resume=resume)
     if epochs is not None:
         fields |= dict(epochs=epochs, pretrain_epochs=epochs, finetune_epochs=epochs)
     try:

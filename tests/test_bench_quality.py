@@ -418,3 +418,23 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     assert "## Streaming vs offline" in md and "| wheel R2 |" in md and "| neds_streaming |" in md
     for scheme in ("int8", "int4"):
         assert f"| neds_streaming_{scheme} |" in md and f"{scheme} weights (`neds_streaming_{scheme}`)" in md
+
+    # --resume: the finished runs are reused (none retrained), one cut short before its end continues
+    runs = sorted(out.glob("models/**/best.pt"))
+    assert len(runs) == 6  # pretraining, encoding, decoding, single, multi, streaming
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    single = out / "models" / eid / "neds_single" / "metrics.json"
+    cut = json.loads(single.read_text())
+    del cut["finished"]
+    single.write_text(json.dumps(cut))
+    again = CliRunner().invoke(app, ["bench", "quality", "--data", str(data), "--out", str(out), "--pretrain",
+                                     "2", "--heldout", "1", "--preset", "tiny", "--epochs", "1", "--resume"])
+    assert again.exit_code == 0, again.output
+    assert {p: p.stat().st_mtime_ns for p in runs if p.parent.name != "neds_single"} == {
+        p: t for p, t in stamps.items() if p.parent.name != "neds_single"}
+    assert json.loads(single.read_text())["finished"] is True
+    rep2 = json.loads((out / "report.json").read_text())
+    assert rep2["results"] == rep["results"] and rep2["check_intervals"] == rep["check_intervals"]
+    other = CliRunner().invoke(app, ["bench", "quality", "--data", str(data), "--out", str(out), "--pretrain",
+                                     "2", "--heldout", "1", "--preset", "tiny", "--epochs", "2", "--resume"])
+    assert other.exit_code != 0 and "train_config: epochs=1 (now 2)" in other.output

@@ -20,7 +20,7 @@ from training.checkpoint import load_checkpoint, read_checkpoint
 from training.config import NEDSConfig, TrainConfig
 from training.loader import check_splits, make_batch, plan_epoch
 from training.masking import eval_mask, target_variance
-from training.train import build_model, lr_at, masked_eval_loss, train
+from training.train import build_model, finished_run, lr_at, masked_eval_loss, train
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -202,7 +202,18 @@ def test_resume_continues_where_the_run_stopped(tmp_path: Path, monkeypatch: pyt
         train(arrays, tmp_path / "part", tiny_cfg(dropout=0.0), quick(epochs=2))
     monkeypatch.undo()
     assert read_checkpoint(tmp_path / "part" / "last.pt")["epoch"] == 1
+    sessions = {a.eid: a for a in arrays}
+    assert finished_run(tmp_path / "full", sessions, quick(epochs=2), tiny_cfg(dropout=0.0))
+    assert not finished_run(tmp_path / "part", sessions, quick(epochs=2), tiny_cfg(dropout=0.0))  # cut short
+    assert not finished_run(tmp_path / "none", sessions, quick(epochs=2))
+    with pytest.raises(ConfigError, match=r"another configuration.*train_config: epochs=2 \(now 3\)"):
+        finished_run(tmp_path / "full", sessions, quick(epochs=3))
+    with pytest.raises(ConfigError, match=r"another configuration.*model_config: layers=2 \(now 3\)"):
+        finished_run(tmp_path / "full", sessions, quick(epochs=2), tiny_cfg(dropout=0.0, layers=3))
+    with pytest.raises(ConfigError, match=r"another configuration.*sessions="):
+        finished_run(tmp_path / "full", {EIDS[1]: arrays[0]}, quick(epochs=2))
     resumed = train(arrays, tmp_path / "part", tiny_cfg(dropout=0.0), quick(epochs=2), resume=True)
+    assert finished_run(tmp_path / "part", sessions, quick(epochs=2, progress=True), tiny_cfg(dropout=0.0))
     assert resumed.steps == full.steps
     assert len(resumed.history) == 2
     for k, v in full.model.state_dict().items():
@@ -224,6 +235,27 @@ def test_finetune_keeps_shared_weights_and_rebuilds_session_layers(tmp_path: Pat
     other = train([new], tmp_path / "ft2", None, quick(epochs=1, max_steps=1),
                   finetune_from=tmp_path / "pre" / "best.pt", mask_ratio=0.1)
     assert other.model.cfg.mask_ratio == pytest.approx(0.1)  # unless one is given
+
+
+def test_a_resumed_finetuning_run_keeps_its_origin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train([synthetic_arrays(EIDS[0])], tmp_path / "pre", tiny_cfg(), quick(epochs=1, max_steps=2))
+    origin = tmp_path / "pre" / "best.pt"
+    new = {EIDS[1]: synthetic_arrays(EIDS[1], n_trials=40, seed=3)}
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        if args[4] == 1:
+            raise KeyboardInterrupt
+        return plan_epoch(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_mod, "plan_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(new, tmp_path / "ft", None, quick(epochs=2), finetune_from=origin)
+    monkeypatch.undo()
+    assert not finished_run(tmp_path / "ft", new, quick(epochs=2), finetune_from=origin)
+    train(new, tmp_path / "ft", None, quick(epochs=2), resume=True)
+    assert finished_run(tmp_path / "ft", new, quick(epochs=2), finetune_from=origin)
+    with pytest.raises(ConfigError, match=r"another configuration.*finetune_from='.*best.pt' \(now None\)"):
+        finished_run(tmp_path / "ft", new, quick(epochs=2))
 
 
 def test_checkpoint_from_another_config_names_file_and_key(tmp_path: Path) -> None:

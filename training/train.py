@@ -410,6 +410,8 @@ def _train(
     ckpt: dict[str, Any] | None = None
     if resume:
         model, ckpt = _resume_model(out / "last.pt", data, model_cfg)
+        before = out / "metrics.json"  # a resumed fine-tuning run still records where it started from
+        finetune_from = json.loads(before.read_text()).get("finetune_from") if before.exists() else None
     elif finetune_from is not None:
         model = _finetune_model(Path(finetune_from), data, model_cfg, mask_ratio, tcfg.seed)
     else:
@@ -519,6 +521,9 @@ def _train(
     if info.is_main and tcfg.refit_class_heads and "choice_bacc" in scored_metrics(tcfg.schemes) \
             and any(refittable(arr) for arr in data.values()) and (out / "best.pt").exists():
         refits = _refit_best(out, data, tcfg, device)
+    metrics_path = out / "metrics.json"
+    if info.is_main and metrics_path.exists():  # the run ended: every epoch (or max_steps) and the refit
+        _write_metrics(metrics_path, {**json.loads(metrics_path.read_text()), "finished": True})
     return TrainResult(out=out, model=model, best_score=best_score, best_epoch=best_epoch, steps=step,
                        history=history, trials_per_s=trials_seen / step_time if step_time else float("nan"),
                        class_head_refit=refits)
@@ -539,6 +544,39 @@ def _refit_best(out: Path, data: Mapping[str, TrialArrays], tcfg: TrainConfig,
     if metrics_path.exists():
         _write_metrics(metrics_path, {**json.loads(metrics_path.read_text()), "class_head_refit": record})
     return refits
+
+
+_RUN_KEYS_IGNORED: Final = ("progress", "device", "eval_batch_size")  # do not change what a run learns
+
+
+def finished_run(out: Path | str, arrays: Mapping[str, TrialArrays], train_cfg: TrainConfig,
+                 model_cfg: NEDSConfig | None = None, finetune_from: Path | str | None = None) -> bool:
+    """True when ``out`` holds a run that ended (``metrics.json`` says ``finished``: every epoch and the
+    refit) on these sessions with this configuration; False when it holds no run or one that did not end
+    (resume it from ``last.pt``). A run made with another configuration is an error that names the
+    difference."""
+    path = Path(out) / "metrics.json"
+    if not path.exists():
+        return False
+    done = json.loads(path.read_text())
+    want: dict[str, Any] = {"sessions": sorted(arrays), "train_config": _jsonable(asdict(train_cfg)),
+                            "finetune_from": None if finetune_from is None else str(finetune_from)}
+    if model_cfg is not None:
+        want["model_config"] = _jsonable(asdict(model_cfg))
+    for key, value in want.items():
+        have = done.get(key)
+        if key == "train_config" and isinstance(have, dict):
+            have = {k: v for k, v in have.items() if k not in _RUN_KEYS_IGNORED}
+            value = {k: v for k, v in value.items() if k not in _RUN_KEYS_IGNORED}
+        if have != value:
+            if isinstance(value, dict) and isinstance(have, dict):
+                diff = f"{key}: " + ", ".join(f"{k}={have.get(k)!r} (now {v!r})" for k, v in value.items()
+                                              if have.get(k) != v)
+            else:
+                diff = f"{key}={have!r} (now {value!r})"
+            raise invalid(f"run in {out}", "was made with another configuration", diff,
+                          "remove that folder, or use another --out", kind=ConfigError)
+    return bool(done.get("finished"))
 
 
 def load_run_arrays(
