@@ -150,7 +150,8 @@ def done_checks(mean: Mapping[str, Mapping[str, float | None]], regions: Mapping
     return checks
 
 
-def _interval_cell(iv: Mapping[str, Any] | None) -> str:
+def interval_text(iv: Mapping[str, Any] | None) -> str:
+    """A check's interval in words: difference [95 % interval]; share of resamples won ('-' when none)."""
     if not iv:
         return "-"
     lo, hi = iv["interval"]
@@ -353,7 +354,7 @@ def markdown(report: Mapping[str, Any]) -> str:
     intervals = report.get("check_intervals") or {}
     for c in report["checks"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c["passed"]]
-        cell = _interval_cell(intervals.get(c["name"]))
+        cell = interval_text(intervals.get(c["name"]))
         out.append(f"| {c['name']} | {verdict} | {c['detail']} | {cell} |")
     out += ["", "## Models", ""] + [f"- `{m}`: {report['model_notes'].get(m, '')}" for m in models]
     if report.get("plots"):

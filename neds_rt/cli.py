@@ -464,7 +464,7 @@ def bench_quality(
     from typing import Any
 
     from bench.quality import QualityConfig, run_quality
-    from bench.quality_report import gap_table, summary_table
+    from bench.quality_report import gap_table, interval_text, summary_table
 
     fields: dict[str, Any] = {k: v for k, v in dict(n_pretrain=pretrain, n_heldout=heldout, preset=preset)
                               .items() if v is not None}
@@ -482,7 +482,9 @@ def bench_quality(
         typer.echo("streaming vs offline (mean over held-out sessions):\n" + "\n".join(gap))
     for check in report["checks"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[check["passed"]]
-        typer.echo(f"{verdict:4} {check['name']}: {check['detail']}")
+        interval = (report.get("check_intervals") or {}).get(check["name"])
+        typer.echo(f"{verdict:4} {check['name']}: {check['detail']}"
+                   + (f"; {interval_text(interval)}" if interval else ""))
     typer.echo(f"report: {out / 'report.md'} ({report['timing']['total_s']:.0f} s)")
 
 

@@ -355,6 +355,9 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
                                    "2", "--heldout", "1", "--preset", "tiny", "--epochs", "1"])
     assert res.exit_code == 0, res.output
     assert "| model |" in res.output and "streaming vs offline" in res.output
+    assert "PASS region classification from NEDS embeddings beats chance (accuracy): " in res.output or \
+        "FAIL region classification from NEDS embeddings beats chance (accuracy): " in res.output
+    assert "better in" in res.output  # the checks' intervals are printed with them
     with pytest.raises(DataError, match="must hold n_pretrain"):
         prepare_sessions(data, QualityConfig(n_pretrain=3, n_heldout=1))
     rep = json.loads((out / "report.json").read_text())
