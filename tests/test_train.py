@@ -212,6 +212,10 @@ def test_resume_continues_where_the_run_stopped(tmp_path: Path, monkeypatch: pyt
         finished_run(tmp_path / "full", sessions, quick(epochs=2), tiny_cfg(dropout=0.0, layers=3))
     with pytest.raises(ConfigError, match=r"another configuration.*sessions="):
         finished_run(tmp_path / "full", {EIDS[1]: arrays[0]}, quick(epochs=2))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.json").write_text('{"sessions": [')  # cut off mid-write
+    with pytest.raises(DataError, match=r"metrics.json: is not a readable metrics file"):
+        finished_run(tmp_path / "bad", sessions, quick(epochs=2))
     resumed = train(arrays, tmp_path / "part", tiny_cfg(dropout=0.0), quick(epochs=2), resume=True)
     assert finished_run(tmp_path / "part", sessions, quick(epochs=2, progress=True), tiny_cfg(dropout=0.0))
     assert resumed.steps == full.steps

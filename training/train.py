@@ -352,6 +352,19 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A run's ``metrics.json``; an unreadable one is an error that names the file."""
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise invalid(str(path), "is not a readable metrics file", str(err),
+                      "remove the run's folder and train it again", kind=DataError) from err
+    if not isinstance(done, dict):
+        raise invalid(str(path), "must hold a JSON object", type(done).__name__,
+                      "remove the run's folder and train it again", kind=DataError)
+    return done
+
+
 def _write_metrics(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False))
@@ -411,7 +424,7 @@ def _train(
     if resume:
         model, ckpt = _resume_model(out / "last.pt", data, model_cfg)
         before = out / "metrics.json"  # a resumed fine-tuning run still records where it started from
-        finetune_from = json.loads(before.read_text()).get("finetune_from") if before.exists() else None
+        finetune_from = read_metrics(before).get("finetune_from") if before.exists() else None
     elif finetune_from is not None:
         model = _finetune_model(Path(finetune_from), data, model_cfg, mask_ratio, tcfg.seed)
     else:
@@ -523,7 +536,7 @@ def _train(
         refits = _refit_best(out, data, tcfg, device)
     metrics_path = out / "metrics.json"
     if info.is_main and metrics_path.exists():  # the run ended: every epoch (or max_steps) and the refit
-        _write_metrics(metrics_path, {**json.loads(metrics_path.read_text()), "finished": True})
+        _write_metrics(metrics_path, {**read_metrics(metrics_path), "finished": True})
     return TrainResult(out=out, model=model, best_score=best_score, best_epoch=best_epoch, steps=step,
                        history=history, trials_per_s=trials_seen / step_time if step_time else float("nan"),
                        class_head_refit=refits)
@@ -542,7 +555,7 @@ def _refit_best(out: Path, data: Mapping[str, TrialArrays], tcfg: TrainConfig,
                     train_config=ckpt["train_config"], extra={**ckpt["extra"], "class_head_refit": record})
     metrics_path = out / "metrics.json"
     if metrics_path.exists():
-        _write_metrics(metrics_path, {**json.loads(metrics_path.read_text()), "class_head_refit": record})
+        _write_metrics(metrics_path, {**read_metrics(metrics_path), "class_head_refit": record})
     return refits
 
 
@@ -558,7 +571,7 @@ def finished_run(out: Path | str, arrays: Mapping[str, TrialArrays], train_cfg: 
     path = Path(out) / "metrics.json"
     if not path.exists():
         return False
-    done = json.loads(path.read_text())
+    done = read_metrics(path)
     want: dict[str, Any] = {"sessions": sorted(arrays), "train_config": _jsonable(asdict(train_cfg)),
                             "finetune_from": None if finetune_from is None else str(finetune_from)}
     if model_cfg is not None:
