@@ -67,7 +67,8 @@ def bits_per_spike_w(sums: tuple[np.ndarray, np.ndarray, int], w: np.ndarray) ->
     ll_null = y * np.log(null) - samples * null
     with np.errstate(divide="ignore", invalid="ignore"):
         bps = np.where(y > 0, (ll - ll_null) / (y * math.log(2.0)), np.nan)
-    return np.nanmean(bps, axis=1)
+        kept = np.isfinite(bps)  # neurons with spikes in the resample (and finite predictions)
+        return np.where(kept, bps, 0.0).sum(axis=1) / kept.sum(axis=1)  # NaN when none is
 
 
 def regression_sums(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -81,7 +82,8 @@ def regression_sums(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 def r2_w(sums: np.ndarray, w: np.ndarray) -> np.ndarray:
     """(B,) single-trial R² of each resample."""
     n, sy, syy, res = (w @ sums).T  # (B,) each
-    return 1.0 - res / (syy - sy * sy / n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 - res / (syy - sy * sy / n)  # not finite for a resample of one flat trace
 
 
 def balanced_accuracy_w(guess: np.ndarray, true: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -112,7 +114,12 @@ def _metric_w(held: HeldOut, model: str, metric: str, w: np.ndarray) -> np.ndarr
     return None if guess is None else balanced_accuracy_w(guess, np.asarray(getattr(arr, target))[rows], w)
 
 
-def _summary(observed: float, diffs: np.ndarray, unit: str) -> dict[str, Any]:
+def _summary(observed: float, diffs: np.ndarray, unit: str) -> dict[str, Any] | None:
+    """The interval; None when the observed difference is not finite. A resample whose metric is undefined
+    (e.g. R² of draws that all repeat one flat trace) is left out, and ``n_boot`` counts the rest."""
+    diffs = diffs[np.isfinite(diffs)]
+    if not math.isfinite(observed) or diffs.size == 0:
+        return None
     tail = (1.0 - LEVEL) / 2.0
     lo, hi = np.quantile(diffs, [tail, 1.0 - tail])
     return {"difference": float(observed), "interval": [float(lo), float(hi)], "level": LEVEL,
@@ -138,7 +145,9 @@ def trial_intervals(helds: Mapping[str, HeldOut], comparisons: Sequence[tuple[st
             observed.append(float(a[0] - b[0]))
             diffs.append(a[1:] - b[1:])
         else:
-            out[name] = _summary(float(np.mean(observed)), np.mean(diffs, axis=0), "TEST trials")
+            summary = _summary(float(np.mean(observed)), np.mean(diffs, axis=0), "TEST trials")
+            if summary is not None:
+                out[name] = summary
     return out
 
 
@@ -150,5 +159,6 @@ def region_intervals(neds_hit: np.ndarray, psth_hit: np.ndarray, chance: float, 
     n = neds_hit.size
     w = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n  # (B, N)
     a, b = w @ neds_hit.astype(np.float64), w @ psth_hit.astype(np.float64)  # (B,) accuracies
-    return {names[0]: _summary(float(neds_hit.mean() - chance), a - chance, "neurons"),
-            names[1]: _summary(float(neds_hit.mean() - psth_hit.mean()), a - b, "neurons")}
+    out = {names[0]: _summary(float(neds_hit.mean() - chance), a - chance, "neurons"),
+           names[1]: _summary(float(neds_hit.mean() - psth_hit.mean()), a - b, "neurons")}
+    return {k: v for k, v in out.items() if v is not None}

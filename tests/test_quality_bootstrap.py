@@ -116,6 +116,20 @@ def test_trial_intervals_equal_models_and_missing_predictions() -> None:
                                     seed=4)  # seeded
 
 
+def test_undefined_metrics_are_left_out_not_written_as_nan() -> None:
+    held = _held(5)
+    held.rates["broken"] = np.full_like(held.rates["rrr"], np.nan)  # a model that predicted NaN
+    flat = held.arr.wheel.copy()
+    flat[1:] = 0.5  # every trial but the first is one constant: resamples without trial 0 have no R²
+    held.arr.wheel = flat
+    held.wheel["same"] = flat
+    out = trial_intervals({"a": held}, [("nan", "broken", "rrr", "bits_per_spike"),
+                                        ("flat", "neds_multi", "same", "wheel_r2")], n_boot=400)
+    assert "nan" not in out
+    assert 200 < out["flat"]["n_boot"] < 400  # trial 0 is missing from ~(1 - 1/K)^K of the draws (36 %)
+    assert all(np.isfinite(out["flat"]["interval"]))
+
+
 def test_region_intervals() -> None:
     neds = np.array([True] * 60 + [False] * 40)
     psth = np.array([True] * 30 + [False] * 70)
