@@ -250,6 +250,8 @@ def _linear_decoders(arr: TrialArrays, held: HeldOut) -> dict[str, float | None]
         dec = fit_linear_decoders(arr)
         reg = dec.regression
         scores = dec.metrics()
+        held.choice["linear"] = dec.classification["choice"].pred  # (K_test,)
+        held.block["linear"] = dec.classification["block"].pred
     except DataError as err:
         log.warning("session %s: linear classifiers left out (%s)", arr.eid, err)
         lin = LinearConfig()
@@ -259,9 +261,6 @@ def _linear_decoders(arr: TrialArrays, held: HeldOut) -> dict[str, float | None]
                                alphas=lin.alphas)
         scores = {f"{k}_r2": v.r2 for k, v in reg.items()}
     held.wheel["linear"] = reg["wheel"].pred
-    if scores.get("choice_accuracy") is not None:
-        for name in ("choice", "block"):
-            getattr(held, name)["linear"] = dec.classification[name].pred
     held.whisker["linear"] = reg["whisker"].pred
     return {k: clean(v) for k, v in scores.items()}
 
