@@ -531,12 +531,14 @@ def _train(
             })
         barrier(info)
     refits: list[HeadRefit] = []
+    ended: dict[str, Any] = {"finished": True}  # every epoch (or max_steps), and the refit
     if info.is_main and tcfg.refit_class_heads and "choice_bacc" in scored_metrics(tcfg.schemes) \
             and any(refittable(arr) for arr in data.values()) and (out / "best.pt").exists():
         refits = _refit_best(out, data, tcfg, device)
+        ended["class_head_refit"] = [asdict(r) for r in refits]
     metrics_path = out / "metrics.json"
-    if info.is_main and metrics_path.exists():  # the run ended: every epoch (or max_steps) and the refit
-        _write_metrics(metrics_path, {**read_metrics(metrics_path), "finished": True})
+    if info.is_main and metrics_path.exists():
+        _write_metrics(metrics_path, {**read_metrics(metrics_path), **ended})
     return TrainResult(out=out, model=model, best_score=best_score, best_epoch=best_epoch, steps=step,
                        history=history, trials_per_s=trials_seen / step_time if step_time else float("nan"),
                        class_head_refit=refits)
@@ -545,7 +547,8 @@ def _train(
 def _refit_best(out: Path, data: Mapping[str, TrialArrays], tcfg: TrainConfig,
                 device: torch.device) -> list[HeadRefit]:
     """Refit the class heads of ``out/best.pt`` (:mod:`training.refit`), rewrite it, and record what was done
-    in it and in ``metrics.json``. ``last.pt`` keeps the trained heads (resume continues from them)."""
+    in it (the caller records it in ``metrics.json``). ``last.pt`` keeps the trained heads (resume continues
+    from them)."""
     path = out / "best.pt"
     ckpt = read_checkpoint(path, device)
     best = model_from_checkpoint(ckpt, path).to(device)
@@ -553,9 +556,6 @@ def _refit_best(out: Path, data: Mapping[str, TrialArrays], tcfg: TrainConfig,
     record = [asdict(r) for r in refits]
     save_checkpoint(path, best, step=ckpt["step"], epoch=ckpt["epoch"], best_score=ckpt["best_score"],
                     train_config=ckpt["train_config"], extra={**ckpt["extra"], "class_head_refit": record})
-    metrics_path = out / "metrics.json"
-    if metrics_path.exists():
-        _write_metrics(metrics_path, {**read_metrics(metrics_path), "class_head_refit": record})
     return refits
 
 
