@@ -188,16 +188,18 @@ def test_training_normalises_regression_losses_by_each_sessions_train_variance(
         assert target_var == want[eid], eid
 
 
+def _killed_in_epoch_2(*args: object, **kwargs: object) -> object:
+    """``plan_epoch`` for a run killed in its second epoch, after epoch 1 was checkpointed."""
+    if args[4] == 1:
+        raise KeyboardInterrupt
+    return plan_epoch(*args, **kwargs)  # type: ignore[arg-type]
+
+
 def test_resume_continues_where_the_run_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     arrays = [synthetic_arrays(EIDS[0], n_trials=40)]
     full = train(arrays, tmp_path / "full", tiny_cfg(dropout=0.0), quick(epochs=2))
 
-    def interrupted(*args: object, **kwargs: object) -> object:
-        if args[4] == 1:  # the second epoch: the run is killed after epoch 1 was checkpointed
-            raise KeyboardInterrupt
-        return plan_epoch(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(train_mod, "plan_epoch", interrupted)
+    monkeypatch.setattr(train_mod, "plan_epoch", _killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train(arrays, tmp_path / "part", tiny_cfg(dropout=0.0), quick(epochs=2))
     monkeypatch.undo()
@@ -246,12 +248,7 @@ def test_a_resumed_finetuning_run_keeps_its_origin(tmp_path: Path, monkeypatch: 
     origin = tmp_path / "pre" / "best.pt"
     new = {EIDS[1]: synthetic_arrays(EIDS[1], n_trials=40, seed=3)}
 
-    def interrupted(*args: object, **kwargs: object) -> object:
-        if args[4] == 1:
-            raise KeyboardInterrupt
-        return plan_epoch(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(train_mod, "plan_epoch", interrupted)
+    monkeypatch.setattr(train_mod, "plan_epoch", _killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train(new, tmp_path / "ft", None, quick(epochs=2), finetune_from=origin)
     monkeypatch.undo()
