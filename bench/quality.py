@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from bench.quality_report import (
     trial_comparisons,
     write_report,
 )
+from bench.quality_seeds import SeedRun, combine, seed_folder
 from neds_rt.errors import ConfigError, DataError, invalid
 
 if TYPE_CHECKING:
@@ -82,10 +83,13 @@ class QualityConfig:
     int8: bool = True  # also score the streaming NEDS exported with int8 weights, run by the step engine
     int4: bool = True  # ... and with 4-bit block-quantized weights
     resume: bool = False  # reuse the finished training runs under OUT/models, continue the ones cut short
+    # training seeds: > 1 runs the comparison for seed, seed + 1, ... into OUT/seed_S and judges the checks on
+    # the seed means (bench.quality_seeds); the data are simulated once, with ``seed``
+    seeds: int = 1
 
     def __post_init__(self) -> None:
         for name in ("n_pretrain", "n_heldout", "epochs", "pretrain_epochs", "finetune_epochs", "batch_size",
-                     "threads", "region_folds"):
+                     "threads", "region_folds", "seeds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise invalid(f"QualityConfig.{name}", "must be an integer >= 1", value, kind=ConfigError)
@@ -296,18 +300,52 @@ def run_quality(data: Path | str, out: Path | str, cfg: QualityConfig | None = N
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     with _torch_threads(cfg.threads):
-        report = _run(data, out, cfg, command)
-        if cfg.streaming:
-            from bench.quality_streaming import add_streaming
-
-            report = add_streaming(report, data, out, cfg)
+        if cfg.seeds == 1:
+            report = _run_seed(data, out, cfg, command).report
+        else:
+            report = _run_seeds(data, out, cfg, command)
     report["timing"]["total_s"] = time.perf_counter() - t_all
     write_report(report, out)
     log.info("quality report in %s (%.0f s)", out, report["timing"]["total_s"])
     return report
 
 
-def _run(data: Path, out: Path, cfg: QualityConfig, command: str) -> dict[str, Any]:
+def _run_seed(data: Path, out: Path, cfg: QualityConfig, command: str) -> SeedRun:
+    """The whole comparison at training seed ``cfg.seed``, streaming NEDS included."""
+    report, helds, region_data = _run(data, out, cfg, command)
+    if cfg.streaming:
+        from bench.quality_streaming import add_streaming
+
+        report = add_streaming(report, data, out, cfg)
+    return SeedRun(cfg.seed, report, helds, region_data)
+
+
+def _run_seeds(data: Path, out: Path, cfg: QualityConfig, command: str) -> dict[str, Any]:
+    """``--seeds N``: one full report per training seed under ``out/seed_S``, combined in ``out``."""
+    prepare_sessions(data, cfg)  # simulate (when empty) once, with the base seed
+    runs = []
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        t0 = time.perf_counter()
+        folder = out / seed_folder(seed)
+        run = _run_seed(data, folder, replace(cfg, seed=seed, seeds=1), command)
+        run.report["timing"]["total_s"] = time.perf_counter() - t0
+        write_report(run.report, folder)
+        log.info("seed %s of %s: report in %s", seed - cfg.seed + 1, cfg.seeds, folder)
+        runs.append(run)
+    report = combine(runs, {"command": command, "config": asdict(cfg),
+                            "timing": {f"seed_{r.seed}_s": r.report["timing"]["total_s"] for r in runs}})
+    t0 = time.perf_counter()
+    report["check_intervals"] = _intervals([r.helds for r in runs], [r.region_data for r in runs], cfg.seed)
+    report["timing"]["intervals_s"] = time.perf_counter() - t0
+    first = seed_folder(runs[0].seed)
+    report["plots"] = [plots.plot_multi_vs_single(report["results"], out / "multi_vs_single.png").name] + [
+        f"{first}/{p}" for p in runs[0].report.get("plots", []) if p != "multi_vs_single.png"]
+    return report
+
+
+def _run(data: Path, out: Path, cfg: QualityConfig, command: str
+         ) -> tuple[dict[str, Any], dict[str, HeldOut], dict[str, Any]]:
+    """One seed's report, and the TEST predictions and region results its intervals were computed from."""
     from streams.load import open_one
     from training.arrays import TEST, TRAIN
     from training.cache import load_arrays
@@ -372,12 +410,12 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str) -> dict[str, A
     }
     report = assemble(results, ceilings=ceilings, chances=chances, regions=regions, extra=extra)
     t0 = time.perf_counter()
-    report["check_intervals"] = _intervals(helds, region_data, cfg.seed)
+    report["check_intervals"] = _intervals([helds], [region_data], cfg.seed)
     timing["intervals_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     report["plots"] = _plots(out, report, helds, region_data, cfg)
     timing["plots_s"] = time.perf_counter() - t0
-    return report
+    return report, helds, region_data
 
 
 def _keep_preds(held: HeldOut, name: str, pred: Mapping[str, np.ndarray]) -> None:
@@ -389,14 +427,16 @@ def _keep_preds(held: HeldOut, name: str, pred: Mapping[str, np.ndarray]) -> Non
         held.block[name] = pred["block"].argmax(axis=1)
 
 
-def _intervals(helds: Mapping[str, HeldOut], region_data: Mapping[str, Any], seed: int
+def _intervals(helds: Sequence[Mapping[str, HeldOut]], region_data: Sequence[Mapping[str, Any]], seed: int
                ) -> dict[str, dict[str, Any]]:
-    """Paired-bootstrap intervals of the done-when checks (:mod:`bench.quality_bootstrap`)."""
+    """Paired-bootstrap intervals of the done-when checks (:mod:`bench.quality_bootstrap`), from one run or
+    one per training seed (averaged over seeds on each draw)."""
     out = trial_intervals(helds, trial_comparisons(), seed=seed)
-    if region_data:
-        neds, psth = region_data["neds"], region_data["psth"]
-        out.update(region_intervals(neds.pred == neds.true, psth.pred == psth.true, neds.chance_majority,
-                                    REGION_CHECKS, seed=seed))
+    if all(region_data):
+        neds = np.stack([r["neds"].pred == r["neds"].true for r in region_data])  # (S, N) bool
+        psth = np.stack([r["psth"].pred == r["psth"].true for r in region_data])
+        out.update(region_intervals(neds, psth, region_data[0]["neds"].chance_majority, REGION_CHECKS,
+                                    seed=seed))
     return out
 
 

@@ -14,8 +14,10 @@ costs one matrix product, not a pass over the (K, T, N) predictions:
 - R²: per trial, the sample count and the sums of ``y``, ``y²`` and squared residuals (pooled over bins);
 - balanced accuracy: per trial, the true class and whether it was predicted.
 
-It measures the sampling of the evaluated trials only. The spread between training seeds is another
-source of error that it does not see.
+On one training run it measures the sampling of the evaluated trials only; the spread between training
+seeds is another source of error. With ``--seeds N`` every seed's predictions are scored on the same draws
+and the difference is averaged over seeds, so the interval is that of the seed-mean difference (how far the
+seeds themselves disagree is reported beside it, :mod:`bench.quality_seeds`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
+from neds_rt.errors import DataError, invalid
 from training.metrics import MIN_RATE
 
 if TYPE_CHECKING:
@@ -126,26 +129,56 @@ def _summary(observed: float, diffs: np.ndarray, unit: str) -> dict[str, Any] | 
             "share_better": float(np.mean(diffs > 0)), "resampled": unit, "n_boot": int(diffs.size)}
 
 
-def trial_intervals(helds: Mapping[str, HeldOut], comparisons: Sequence[tuple[str, str, str, str]],
-                    n_boot: int = N_BOOT, seed: int = 0) -> dict[str, dict[str, Any]]:
+def _seed_mean_difference(runs: Sequence[Mapping[str, HeldOut]], eid: str, model: str, base: str, metric: str,
+                          w: np.ndarray) -> np.ndarray | None:
+    """(R,) ``model`` minus ``base`` on the resamples ``w`` (R, K_test) of session ``eid``, averaged over the
+    training seeds' predictions ``runs``; None when a seed lacks either model's predictions."""
+    diffs = []
+    for run in runs:
+        a, b = _metric_w(run[eid], model, metric, w), _metric_w(run[eid], base, metric, w)
+        if a is None or b is None:
+            return None
+        diffs.append(a - b)
+    return np.mean(diffs, axis=0)
+
+
+def _same_trials(runs: Sequence[Mapping[str, HeldOut]]) -> None:
+    first = runs[0]
+    for i, run in enumerate(runs[1:], start=1):
+        if set(run) != set(first) or any(not np.array_equal(run[e].test, first[e].test) for e in first):
+            raise invalid(f"held-out predictions of seed run {i}", "must cover the sessions and TEST trials "
+                          "of the first run", sorted(run), "score every seed on one data set", kind=DataError)
+
+
+def trial_intervals(helds: Mapping[str, HeldOut] | Sequence[Mapping[str, HeldOut]],
+                    comparisons: Sequence[tuple[str, str, str, str]], n_boot: int = N_BOOT, seed: int = 0
+                    ) -> dict[str, dict[str, Any]]:
     """``{check name: interval}`` for each ``(name, model, baseline, metric)`` that both models scored on
-    every session."""
+    every session.
+
+    ``helds`` is ``{eid: HeldOut}``, or a sequence of them, one per training seed, over the same sessions and
+    TEST trials (``--seeds``): a resample then draws each session's trials once, every seed's predictions are
+    scored on that draw, and the difference is averaged over seeds as well as sessions."""
+    runs = [helds] if isinstance(helds, Mapping) else list(helds)
+    if not runs:
+        raise invalid("held-out predictions", "must hold at least one run", 0, kind=DataError)
+    _same_trials(runs)
     rng = np.random.default_rng(seed)
     weights = {e: rng.multinomial(h.test.size, np.full(h.test.size, 1.0 / h.test.size), size=n_boot)
-               .astype(np.float64) for e, h in helds.items()}  # (B, K_test) draws of each trial
+               .astype(np.float64) for e, h in runs[0].items()}  # (B, K_test) draws of each trial
     out: dict[str, dict[str, Any]] = {}
     for name, model, base, metric in comparisons:
-        diffs, observed = [], []
-        for eid, held in helds.items():
+        per_session: list[np.ndarray] = []
+        for eid, w in weights.items():
             # row 0: the observed TEST trials, each once; then the resamples
-            w = np.vstack([np.ones((1, held.test.size)), weights[eid]])  # (1 + B, K_test)
-            a, b = _metric_w(held, model, metric, w), _metric_w(held, base, metric, w)
-            if a is None or b is None:
+            rows = np.vstack([np.ones((1, w.shape[1])), w])  # (1 + B, K_test)
+            d = _seed_mean_difference(runs, eid, model, base, metric, rows)
+            if d is None:
                 break
-            observed.append(float(a[0] - b[0]))
-            diffs.append(a[1:] - b[1:])
+            per_session.append(d)
         else:
-            summary = _summary(float(np.mean(observed)), np.mean(diffs, axis=0), "TEST trials")
+            diff = np.mean(per_session, axis=0)  # (1 + B,) averaged over sessions
+            summary = _summary(float(diff[0]), diff[1:], "TEST trials")
             if summary is not None:
                 out[name] = summary
     return out
@@ -155,10 +188,15 @@ def region_intervals(neds_hit: np.ndarray, psth_hit: np.ndarray, chance: float, 
                      n_boot: int = N_BOOT, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Intervals of the two region checks, resampling neurons: NEDS accuracy minus ``chance`` (the majority
     share, held fixed) and minus the PSTH baseline's accuracy. ``*_hit`` (N,) bool: the cross-validated
-    prediction of that neuron was right (same neurons, same order)."""
-    n = neds_hit.size
+    prediction of that neuron was right (same neurons, same order); or (S, N), one row per training seed,
+    whose accuracies are averaged over seeds on each draw of neurons."""
+    neds, psth = np.atleast_2d(neds_hit).astype(np.float64), np.atleast_2d(psth_hit).astype(np.float64)
+    if neds.shape != psth.shape:
+        raise invalid("region hits of the PSTH baseline", f"must have the NEDS hits' shape {neds.shape}",
+                      psth.shape, kind=DataError)
+    n = neds.shape[1]
     w = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n  # (B, N)
-    a, b = w @ neds_hit.astype(np.float64), w @ psth_hit.astype(np.float64)  # (B,) accuracies
-    out = {names[0]: _summary(float(neds_hit.mean() - chance), a - chance, "neurons"),
-           names[1]: _summary(float(neds_hit.mean() - psth_hit.mean()), a - b, "neurons")}
+    a, b = (w @ neds.T).mean(axis=1), (w @ psth.T).mean(axis=1)  # (B,) accuracies, averaged over seeds
+    out = {names[0]: _summary(float(neds.mean() - chance), a - chance, "neurons"),
+           names[1]: _summary(float(neds.mean() - psth.mean()), a - b, "neurons")}
     return {k: v for k, v in out.items() if v is not None}

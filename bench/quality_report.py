@@ -130,15 +130,16 @@ def trial_comparisons() -> list[tuple[str, str, str, str]]:
 
 def done_checks(mean: Mapping[str, Mapping[str, float | None]], regions: Mapping[str, Any] | None
                 ) -> list[dict[str, Any]]:
-    """The issue's done-when checks on session means: ``{name, passed (bool or None), detail}``.
+    """The issue's done-when checks on session means: ``{name, passed (bool or None), detail, difference}``.
 
-    ``passed`` is None when a number is missing (that model or score was not run)."""
+    ``passed`` and ``difference`` (model - baseline) are None when a number is missing (that model or score
+    was not run)."""
     checks: list[dict[str, Any]] = []
 
     def compare(name: str, a_name: str, a: float | None, b_name: str, b: float | None) -> None:
-        passed = None if a is None or b is None else bool(a > b)
-        checks.append({"name": name, "passed": passed,
-                       "detail": f"{a_name} {_fmt(a)} vs {b_name} {_fmt(b)}"})
+        diff = None if a is None or b is None else a - b
+        checks.append({"name": name, "passed": None if diff is None else bool(diff > 0),
+                       "detail": f"{a_name} {_fmt(a)} vs {b_name} {_fmt(b)}", "difference": diff})
 
     for name, model, base, metric in trial_comparisons():
         compare(name, model, mean.get(model, {}).get(metric), base, mean.get(base, {}).get(metric))
@@ -275,6 +276,32 @@ def table(rows: Mapping[str, Mapping[str, float | None]], models: Sequence[str])
     return lines
 
 
+def spread_table(spread: Mapping[str, Mapping[str, Mapping[str, Any]]], models: Sequence[str]) -> list[str]:
+    """A Markdown table of the five task metrics: each model's seed mean ± standard deviation."""
+    metrics = list(TASKS.values())
+    lines = ["| model | " + " | ".join(_SHORT[k] for k in metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for m in models:
+        if m not in spread:
+            continue
+        cells = []
+        for k in metrics:
+            entry = spread[m].get(k) or {}
+            values = [v for v in entry.get("values", []) if v is not None]
+            sd = entry.get("sd")
+            cells.append("-" if not values or len(values) < len(entry["values"]) else
+                         f"{sum(values) / len(values):.3f}" + ("" if sd is None else f" ± {sd:.3f}"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def seeds_text(entry: Mapping[str, Any] | None) -> str:
+    """A check's seeds in words: 'better in k of N seeds (d1, d2, ...)' ('-' when none)."""
+    if not entry:
+        return "-"
+    diffs = ", ".join("-" if d is None else f"{d:+.3f}" for d in entry["differences"])
+    return f"better in {entry['better_in']} of {entry['n_seeds']} seeds ({diffs})"
+
+
 def gap_table(report: Mapping[str, Any]) -> list[str]:
     """The streaming-vs-offline Markdown table (session means); [] when the report has no streaming rows."""
     gap = report.get("streaming_gap")
@@ -303,10 +330,18 @@ def markdown(report: Mapping[str, Any]) -> str:
                 f"Pretraining sessions: {len(report.get('pretrain_sessions', []))}; held-out sessions: "
                 f"{len(report['sessions_evaluated'])}; preset `{cfg.get('preset')}`; run time "
                 f"{_fmt(report.get('timing', {}).get('total_s'), 0)} s.", ""]
+    seeds = report.get("seeds")
+    if seeds:
+        links = ", ".join(f"[{r}]({r})" for r in report.get("seed_reports", []))
+        out += [f"Training seeds: {', '.join(map(str, seeds))}. Every score is the mean over the seeds; each "
+                f"seed's own report: {links}.", ""]
     out += ["All scores on the TEST trials of the held-out sessions; bits/spike against a null model of each "
             "neuron's mean TEST rate, averaged over neurons; R2 single-trial over all bins.", "",
             "## Mean over held-out sessions", ""]
     out += [*table(report["mean"], models), ""]
+    if report.get("seed_spread"):
+        out += ["## Spread over training seeds (session means: mean ± standard deviation over seeds)", "",
+                *spread_table(report["seed_spread"], models), ""]
     gap = gap_table(report)
     if gap:
         info = report.get("streaming") or {}
@@ -346,16 +381,22 @@ def markdown(report: Mapping[str, Any]) -> str:
                 f"{reg.get('n_splits', '?')}-fold cross-validated logistic regression; "
                 f"features: {reg.get('features', '?')}."
                 + (f" Ceiling: {reg['oracle_features']}." if reg.get("oracle_features") else ""), ""]
+    per_seed = report.get("check_seeds")
+    seeds_note = ("Every seed's predictions are scored on the same resamples and the difference is averaged "
+                  "over seeds; the last column gives each seed's own difference." if per_seed else
+                  "It does not include the spread between training seeds (`--seeds N` does).")
     out += ["## Done-when checks", "",
             "Interval: the difference (model - baseline) and its 95 % paired-bootstrap interval, resampling "
             "the TEST trials (the neurons, for regions), and the share of resamples in which the model is "
-            "better. It does not include the spread between training seeds.", "",
-            "| check | result | numbers | interval |", "|---|---|---|---|"]
+            f"better. {seeds_note}", "",
+            "| check | result | numbers | interval |" + (" seeds |" if per_seed else ""),
+            "|---|---|---|---|" + ("---|" if per_seed else "")]
     intervals = report.get("check_intervals") or {}
     for c in report["checks"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c["passed"]]
         cell = interval_text(intervals.get(c["name"]))
-        out.append(f"| {c['name']} | {verdict} | {c['detail']} | {cell} |")
+        seeds_cell = f" {seeds_text(per_seed.get(c['name']))} |" if per_seed else ""
+        out.append(f"| {c['name']} | {verdict} | {c['detail']} | {cell} |{seeds_cell}")
     out += ["", "## Models", ""] + [f"- `{m}`: {report['model_notes'].get(m, '')}" for m in models]
     if report.get("plots"):
         out += ["", "## Plots", ""] + [f"- [{p}]({p})" for p in report["plots"]]

@@ -444,6 +444,9 @@ def bench_quality(
     preset: Annotated[str | None, typer.Option(help="NEDS size: tiny|small|default.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs of every NEDS training run.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the simulation and the training runs.")] = 0,
+    seeds: Annotated[int, typer.Option(
+        min=1, help="Training seeds (SEED, SEED+1, ...): N > 1 runs the comparison once per seed into "
+        "OUT/seed_S and judges the checks on the seed means.")] = 1,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
     streaming: Annotated[bool, typer.Option(
         "--streaming/--no-streaming",
@@ -464,11 +467,12 @@ def bench_quality(
     from typing import Any
 
     from bench.quality import QualityConfig, run_quality
-    from bench.quality_report import gap_table, interval_text, summary_table
+    from bench.quality_report import gap_table, interval_text, seeds_text, summary_table
 
     fields: dict[str, Any] = {k: v for k, v in dict(n_pretrain=pretrain, n_heldout=heldout, preset=preset)
                               .items() if v is not None}
-    fields |= dict(seed=seed, threads=threads, streaming=streaming, int8=int8, int4=int4, resume=resume)
+    fields |= dict(seed=seed, seeds=seeds, threads=threads, streaming=streaming, int8=int8, int4=int4,
+                   resume=resume)
     if epochs is not None:
         fields |= dict(epochs=epochs, pretrain_epochs=epochs, finetune_epochs=epochs)
     try:
@@ -483,8 +487,10 @@ def bench_quality(
     for check in report["checks"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[check["passed"]]
         interval = (report.get("check_intervals") or {}).get(check["name"])
+        per_seed = (report.get("check_seeds") or {}).get(check["name"])
         typer.echo(f"{verdict:4} {check['name']}: {check['detail']}"
-                   + (f"; {interval_text(interval)}" if interval else ""))
+                   + (f"; {interval_text(interval)}" if interval else "")
+                   + (f"; {seeds_text(per_seed)}" if per_seed else ""))
     typer.echo(f"report: {out / 'report.md'} ({report['timing']['total_s']:.0f} s)")
 
 

@@ -104,9 +104,11 @@ def test_done_checks_pass_fail_and_missing() -> None:
     multi_wheel = checks["multi-session NEDS beats single-session NEDS on wheel (wheel_r2)"]
     assert multi_wheel["passed"] is False  # 0.45 vs 0.50
     assert "neds_single 0.500" in multi_wheel["detail"]
+    assert multi_wheel["difference"] == pytest.approx(-0.05) and enc["difference"] == pytest.approx(0.03)
     assert checks["region classification from NEDS embeddings beats chance (accuracy)"]["passed"] is True
     bare = assemble({A: {"neds_multi": {"wheel_r2": 0.1}}})
-    assert all(c["passed"] is None for c in bare["checks"] if "wheel" not in c["name"])
+    assert all(c["passed"] is None and c["difference"] is None for c in bare["checks"]
+               if "wheel" not in c["name"])
     assert len(bare["checks"]) == 9
 
 
