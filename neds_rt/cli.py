@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from neds_rt.errors import NedsRtError, invalid
-from training.config import SPIKE_WEIGHT
+from training.config import SPIKE_WEIGHT, UNIT_DROPOUT
 
 app = typer.Typer(
     name="neds-rt",
@@ -91,6 +91,9 @@ def train(
     spike_weight: Annotated[float, typer.Option(
         help="Weight of the spike loss (Poisson NLL per neuron and bin) against the behaviour losses.")
     ] = SPIKE_WEIGHT,
+    unit_dropout: Annotated[float, typer.Option(
+        min=0.0, max=0.95, help="Share of units zeroed in each training trial's spike input (the loss still "
+        "scores every unit); against memorising a session's trials.")] = UNIT_DROPOUT,
     mask_ratio: Annotated[float | None, typer.Option(
         help="Fraction of bins the within-modality and cross-modal masks hide. Default 0.3, or the "
              "checkpoint's when fine-tuning.")] = None,
@@ -133,7 +136,7 @@ def train(
             model_cfg = NEDSConfig.preset(preset, n_sessions=len(arrays), mode=mode, tokens=tokens)
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps,
                            device=device, progress=progress, spike_weight=spike_weight,
-                           refit_class_heads=refit_class_heads)
+                           unit_dropout=unit_dropout, refit_class_heads=refit_class_heads)
         result = run_training(arrays, out, model_cfg, tcfg, finetune_from=finetune_from,
                               mask_ratio=mask_ratio, resume=resume)
     except NedsRtError as err:

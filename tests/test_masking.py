@@ -8,7 +8,15 @@ import torch
 
 from neds_rt.errors import ConfigError, DataError
 from training.arrays import TRAIN, VAL, Normalisation, TrialArrays
-from training.masking import VAR_FLOOR, Scheme, draw_masks, eval_mask, masked_losses, target_variance
+from training.masking import (
+    VAR_FLOOR,
+    Scheme,
+    draw_masks,
+    drop_units,
+    eval_mask,
+    masked_losses,
+    target_variance,
+)
 from training.model import BEHAVIOUR, CHOICE, DISCRETE, N_MODALITIES, SPIKES, WHEEL, WHISKER, NEDSOutput
 
 pytestmark = pytest.mark.timeout(60)
@@ -242,3 +250,21 @@ def test_target_variance_skips_non_finite_bins() -> None:
     kept = bad.astype(np.float32)[np.isfinite(bad)]  # (n,) the finite bins, as stored
     var = target_variance(_session(bad, wheel, np.full(4, TRAIN)))
     assert var["wheel"] == pytest.approx(float(kept.var(dtype=np.float64)), rel=1e-6)
+
+
+def test_unit_dropout_zeroes_whole_units_per_trial_and_keeps_the_expected_input() -> None:
+    spikes = torch.ones(64, 3, 200)  # (B, T, N)
+    gen = torch.Generator().manual_seed(0)
+    assert drop_units(spikes, 0.0, gen) is spikes  # off: the input itself, nothing drawn
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())
+    out = drop_units(spikes, 0.5, gen)
+    assert out.shape == spikes.shape and set(out.unique().tolist()) == {0.0, 2.0}  # kept units x 1/(1-p)
+    assert torch.equal(out, out[:, :1].expand_as(out))  # a unit is dropped in every bin of its trial
+    dropped = (out[:, 0] == 0).float().mean().item()  # over 64 x 200 trial-units
+    assert abs(dropped - 0.5) < 0.03 and abs(out.mean().item() - 1.0) < 0.06
+    assert not torch.equal(out[0], out[1])  # each trial draws its own units
+    again = drop_units(spikes, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(again, drop_units(spikes, 0.5, torch.Generator().manual_seed(0)))  # seeded
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="unit dropout"):
+            drop_units(spikes, bad, gen)

@@ -329,6 +329,45 @@ def test_spike_weight_reaches_the_loss_and_unimodal_runs_select_on_their_task(
         TrainConfig(spike_weight=0.0)
 
 
+def test_unit_dropout_hides_units_from_the_input_but_the_loss_scores_their_true_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arrays = {EIDS[0]: synthetic_arrays(EIDS[0], n_trials=40, n_units=30)}
+    seen: list[torch.Tensor] = []
+    scored: list[torch.Tensor] = []
+    real_forward, real_losses = train_mod._forward, train_mod.masked_losses
+
+    training = [False]  # whether the last forward pass was a training step
+
+    def forward_spy(model: Any, batch: Any, mask: Any, spikes: Any = None) -> Any:
+        training[0] = model.training
+        if model.training:
+            seen.append((batch.spikes if spikes is None else spikes).detach().clone())
+        return real_forward(model, batch, mask, spikes)
+
+    def losses_spy(*args: Any, **kwargs: Any) -> Any:
+        if training[0]:
+            scored.append(args[1].detach().clone())
+        return real_losses(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_forward", forward_spy)
+    monkeypatch.setattr(train_mod, "masked_losses", losses_spy)
+    train(arrays, tmp_path / "run", tiny_cfg(), quick(epochs=1, unit_dropout=0.5))
+    assert seen and len(seen) == len(scored)
+    for x, y in zip(seen, scored, strict=True):
+        assert torch.all(y == torch.round(y))  # the loss gets the counts themselves
+        active = y.sum(dim=1) > 0  # (B, N) units that fired in the trial
+        hidden = (x.sum(dim=1) == 0) & active  # ... and that the model did not see
+        assert hidden.any() and (~hidden & active).any()
+        assert torch.allclose(x, y * 2.0 * (x > 0))  # the seen ones scaled by 1 / (1 - 0.5)
+    seen.clear()
+    scored.clear()
+    train(arrays, tmp_path / "off", tiny_cfg(), quick(epochs=1))  # the default: off
+    assert all(torch.equal(x, y) for x, y in zip(seen, scored, strict=True))
+    with pytest.raises(ConfigError, match=r"TrainConfig\.unit_dropout"):
+        TrainConfig(unit_dropout=1.0)
+
+
 def test_nan_loss_stops_with_step_and_trials(tmp_path: Path) -> None:
     arr = synthetic_arrays(EIDS[0])
     wheel = arr.wheel.copy()

@@ -12,6 +12,7 @@ TOKEN_LAYOUTS: Final = ("modality", "fused")
 PRESETS: Final = ("tiny", "small", "default")
 SCHEMES: Final = ("encoding", "decoding", "within", "cross")  # training.masking.Scheme, lower case
 SPIKE_WEIGHT: Final = 100.0  # TrainConfig.spike_weight
+UNIT_DROPOUT: Final = 0.0  # TrainConfig.unit_dropout
 
 # Depth by number of pretraining sessions. The paper keeps 5 layers for small multi-session runs (up to 10
 # sessions) and uses deeper models for the full multi-animal pretraining; the larger steps are ours.
@@ -153,6 +154,10 @@ class TrainConfig:
     # trained jointly they underfit (TRAIN choice 0.68-0.71 on the README's 400-trial session); refitted,
     # TEST block rose from 0.60 to 0.81 and choice from 0.68 to 0.71 (means of three seeds)
     refit_class_heads: bool = True
+    # share of units zeroed in the spike input of each training trial (training.masking.drop_units; the loss
+    # still scores every unit): against memorising a session's few hundred TRAIN trials; see the README,
+    # "Unit dropout"
+    unit_dropout: float = UNIT_DROPOUT
 
     def __post_init__(self) -> None:
         self.schemes = tuple(self.schemes)
@@ -167,6 +172,9 @@ class TrainConfig:
         if self.max_steps < 0:
             raise invalid("TrainConfig.max_steps", "must be >= 0 (0: no limit)", self.max_steps,
                           kind=ConfigError)
+        if not 0.0 <= self.unit_dropout < 1.0:
+            raise invalid("TrainConfig.unit_dropout", "must be in [0, 1)", self.unit_dropout,
+                          "use 0 to switch it off", kind=ConfigError)
         if not self.spike_weight > 0:
             raise invalid("TrainConfig.spike_weight", "must be > 0", self.spike_weight, kind=ConfigError)
         if self.lr <= 0:

@@ -103,6 +103,20 @@ def draw_masks(
     return mask, scheme
 
 
+def drop_units(spikes: Tensor, p: float, gen: torch.Generator) -> Tensor:
+    """Unit dropout of the model's spike input (B, T, N): in each trial a random share ``p`` of the units is
+    zeroed in every bin and the rest scaled by ``1 / (1 - p)``, so the expected input is unchanged. Only the
+    input: the spike loss still scores every unit against its true counts. ``p = 0`` returns ``spikes`` and
+    draws nothing from ``gen``. (See ``TrainConfig.unit_dropout``.)"""
+    if not 0.0 <= p < 1.0:
+        raise invalid("unit dropout", "must be in [0, 1)", p, "use 0 to switch it off", kind=ConfigError)
+    if p == 0.0:
+        return spikes
+    b, _, n = spikes.shape
+    keep = torch.rand(b, 1, n, generator=gen) >= p  # (B, 1, N) on the CPU, like the masks
+    return spikes * keep.to(device=spikes.device, dtype=spikes.dtype) / (1.0 - p)  # (B, T, N)
+
+
 def eval_mask(kind: str, batch: int, n_bins: int) -> Tensor:
     """Evaluation mask (B, M, T): ``encoding`` hides all spikes; ``decoding`` hides all behaviour."""
     if kind not in EVAL_KINDS:

@@ -49,7 +49,7 @@ from training.checkpoint import (
 from training.config import SPIKE_WEIGHT, NEDSConfig, TrainConfig
 from training.distributed import DistInfo, all_mean, barrier, init_distributed, shutdown, wrap
 from training.loader import Batch, check_splits, iter_batches, make_batch, plan_epoch
-from training.masking import Scheme, draw_masks, eval_mask, masked_losses, target_variance
+from training.masking import Scheme, draw_masks, drop_units, eval_mask, masked_losses, target_variance
 from training.model import NEDS, SessionModules, count_parameters, trial_logits
 from training.refit import HeadRefit, refit_class_heads, refittable
 
@@ -212,8 +212,10 @@ def _model_of(model: nn.Module) -> NEDS:
     return inner
 
 
-def _forward(model: nn.Module, batch: Batch, mask: torch.Tensor) -> Any:
-    return model(batch.eid, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block, mask)
+def _forward(model: nn.Module, batch: Batch, mask: torch.Tensor, spikes: torch.Tensor | None = None) -> Any:
+    """The model on ``batch`` under ``mask``; ``spikes`` replaces the batch's counts as the input."""
+    seen = batch.spikes if spikes is None else spikes
+    return model(batch.eid, seen, batch.wheel, batch.whisker, batch.choice, batch.block, mask)
 
 
 def _safe(fn: Any, *args: Any, **kwargs: Any) -> float:
@@ -478,9 +480,9 @@ def _train(
                 group["lr"] = lr_at(step, total_steps, tcfg)
             mask, _ = draw_masks(batch.size, batch.spikes.shape[1], cfg.mask_ratio, gen, schemes)
             mask = mask.to(device)  # (B, M, T)
-            pred = _forward(net, batch, mask)
+            pred = _forward(net, batch, mask, drop_units(batch.spikes, tcfg.unit_dropout, gen))
             losses = masked_losses(pred, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block,
-                                   mask, target_var[batch.eid], tcfg.spike_weight)
+                                   mask, target_var[batch.eid], tcfg.spike_weight)  # every unit's counts
             loss = losses["total"]
             loss_value = all_mean(float(losses["total"].detach()), info)
             if not math.isfinite(loss_value):
