@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from neds_rt.errors import NedsRtError, invalid
-from training.config import SPIKE_WEIGHT, UNIT_DROPOUT
+from training.config import FINETUNE_UNIT_DROPOUT, SPIKE_WEIGHT
 
 app = typer.Typer(
     name="neds-rt",
@@ -91,9 +91,10 @@ def train(
     spike_weight: Annotated[float, typer.Option(
         help="Weight of the spike loss (Poisson NLL per neuron and bin) against the behaviour losses.")
     ] = SPIKE_WEIGHT,
-    unit_dropout: Annotated[float, typer.Option(
+    unit_dropout: Annotated[float | None, typer.Option(
         min=0.0, max=0.95, help="Share of units zeroed in each training trial's spike input (the loss still "
-        "scores every unit); against memorising a session's trials.")] = UNIT_DROPOUT,
+        f"scores every unit), against memorising a session's trials. Default {FINETUNE_UNIT_DROPOUT} with "
+        "--finetune-from, else 0.")] = None,
     mask_ratio: Annotated[float | None, typer.Option(
         help="Fraction of bins the within-modality and cross-modal masks hide. Default 0.3, or the "
              "checkpoint's when fine-tuning.")] = None,

@@ -17,7 +17,7 @@ from neds_rt.errors import ConfigError, DataError, ModelFileError
 from training import train as train_mod
 from training.arrays import TEST, TRAIN, VAL, Normalisation, TrialArrays
 from training.checkpoint import load_checkpoint, read_checkpoint
-from training.config import NEDSConfig, TrainConfig
+from training.config import FINETUNE_UNIT_DROPOUT, NEDSConfig, TrainConfig
 from training.loader import check_splits, make_batch, plan_epoch
 from training.masking import eval_mask, target_variance
 from training.train import build_model, finished_run, lr_at, masked_eval_loss, train
@@ -214,6 +214,12 @@ def test_resume_continues_where_the_run_stopped(tmp_path: Path, monkeypatch: pyt
         finished_run(tmp_path / "full", sessions, quick(epochs=2), tiny_cfg(dropout=0.0, layers=3))
     with pytest.raises(ConfigError, match=r"another configuration.*sessions="):
         finished_run(tmp_path / "full", {EIDS[1]: arrays[0]}, quick(epochs=2))
+    older = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    del older["train_config"]["unit_dropout"]  # a run from before the setting existed
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "metrics.json").write_text(json.dumps(older))
+    with pytest.raises(ConfigError, match=r"train_config: unit_dropout not recorded \(now None\)"):
+        finished_run(tmp_path / "older", sessions, quick(epochs=2), tiny_cfg(dropout=0.0))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.json").write_text('{"sessions": [')  # cut off mid-write
     with pytest.raises(DataError, match=r"metrics.json: is not a readable metrics file"):
@@ -362,8 +368,16 @@ def test_unit_dropout_hides_units_from_the_input_but_the_loss_scores_their_true_
         assert torch.allclose(x, y * 2.0 * (x > 0))  # the seen ones scaled by 1 / (1 - 0.5)
     seen.clear()
     scored.clear()
-    train(arrays, tmp_path / "off", tiny_cfg(), quick(epochs=1))  # the default: off
-    assert all(torch.equal(x, y) for x, y in zip(seen, scored, strict=True))
+    train(arrays, tmp_path / "off", tiny_cfg(), quick(epochs=1))  # the default: off, unless fine-tuning
+    assert seen and all(torch.equal(x, y) for x, y in zip(seen, scored, strict=True))
+    assert json.loads((tmp_path / "off" / "metrics.json").read_text())["unit_dropout"] == 0.0
+    seen.clear()
+    scored.clear()
+    train(arrays, tmp_path / "ft", None, quick(epochs=1), finetune_from=tmp_path / "off" / "best.pt")
+    assert json.loads((tmp_path / "ft" / "metrics.json").read_text())["unit_dropout"] == FINETUNE_UNIT_DROPOUT
+    for x, y in zip(seen, scored, strict=True):
+        assert torch.allclose(x, y / (1.0 - FINETUNE_UNIT_DROPOUT) * (x > 0))
+    assert any(((x.sum(dim=1) == 0) & (y.sum(dim=1) > 0)).any() for x, y in zip(seen, scored, strict=True))
     with pytest.raises(ConfigError, match=r"TrainConfig\.unit_dropout"):
         TrainConfig(unit_dropout=1.0)
 

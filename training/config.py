@@ -12,7 +12,7 @@ TOKEN_LAYOUTS: Final = ("modality", "fused")
 PRESETS: Final = ("tiny", "small", "default")
 SCHEMES: Final = ("encoding", "decoding", "within", "cross")  # training.masking.Scheme, lower case
 SPIKE_WEIGHT: Final = 100.0  # TrainConfig.spike_weight
-UNIT_DROPOUT: Final = 0.0  # TrainConfig.unit_dropout
+FINETUNE_UNIT_DROPOUT: Final = 0.3  # TrainConfig.unit_dropout when fine-tuning (None: chosen by the run)
 
 # Depth by number of pretraining sessions. The paper keeps 5 layers for small multi-session runs (up to 10
 # sessions) and uses deeper models for the full multi-animal pretraining; the larger steps are ours.
@@ -155,9 +155,15 @@ class TrainConfig:
     # TEST block rose from 0.60 to 0.81 and choice from 0.68 to 0.71 (means of three seeds)
     refit_class_heads: bool = True
     # share of units zeroed in the spike input of each training trial (training.masking.drop_units; the loss
-    # still scores every unit): against memorising a session's few hundred TRAIN trials; see the README,
-    # "Unit dropout"
-    unit_dropout: float = UNIT_DROPOUT
+    # still scores every unit), against memorising a session's few hundred TRAIN trials. None: 0.3 when
+    # fine-tuning a pretrained model (FINETUNE_UNIT_DROPOUT), 0 otherwise; see the README, "Unit dropout"
+    unit_dropout: float | None = None
+
+    def unit_dropout_for(self, finetuning: bool) -> float:
+        """The unit dropout a run uses: ``unit_dropout``, or when None the default for fine-tuning or not."""
+        if self.unit_dropout is not None:
+            return self.unit_dropout
+        return FINETUNE_UNIT_DROPOUT if finetuning else 0.0
 
     def __post_init__(self) -> None:
         self.schemes = tuple(self.schemes)
@@ -172,7 +178,7 @@ class TrainConfig:
         if self.max_steps < 0:
             raise invalid("TrainConfig.max_steps", "must be >= 0 (0: no limit)", self.max_steps,
                           kind=ConfigError)
-        if not 0.0 <= self.unit_dropout < 1.0:
+        if self.unit_dropout is not None and not 0.0 <= self.unit_dropout < 1.0:
             raise invalid("TrainConfig.unit_dropout", "must be in [0, 1)", self.unit_dropout,
                           "use 0 to switch it off", kind=ConfigError)
         if not self.spike_weight > 0:

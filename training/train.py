@@ -436,6 +436,7 @@ def _train(
         model = build_model(cfg, data, tcfg.seed)
     cfg = model.cfg
     _check_bins(cfg, data)
+    unit_dropout = tcfg.unit_dropout_for(finetuning=finetune_from is not None)
     device = info.device
     model.to(device)
     net = wrap(model, info)
@@ -457,8 +458,9 @@ def _train(
     n_params = count_parameters(model)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        log.info("training %s sessions, %s parameters, %s steps/epoch x %s epochs on %s (world %s)",
-                 len(data), n_params, steps_per_epoch, tcfg.epochs, device, info.world)
+        log.info("training %s sessions, %s parameters, %s steps/epoch x %s epochs on %s (world %s), unit "
+                 "dropout %s", len(data), n_params, steps_per_epoch, tcfg.epochs, device, info.world,
+                 unit_dropout)
     gen = torch.Generator().manual_seed(tcfg.seed * 7919 + info.rank + 1)
     schemes = tuple(Scheme[name.upper()] for name in tcfg.schemes)  # masking schemes drawn
     # each session's training variance of wheel/whisker: their MSE becomes scale-free, like the other losses
@@ -480,7 +482,7 @@ def _train(
                 group["lr"] = lr_at(step, total_steps, tcfg)
             mask, _ = draw_masks(batch.size, batch.spikes.shape[1], cfg.mask_ratio, gen, schemes)
             mask = mask.to(device)  # (B, M, T)
-            pred = _forward(net, batch, mask, drop_units(batch.spikes, tcfg.unit_dropout, gen))
+            pred = _forward(net, batch, mask, drop_units(batch.spikes, unit_dropout, gen))
             losses = masked_losses(pred, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block,
                                    mask, target_var[batch.eid], tcfg.spike_weight)  # every unit's counts
             loss = losses["total"]
@@ -528,7 +530,8 @@ def _train(
                 "sessions": sorted(data), "n_parameters": n_params, "world_size": info.world,
                 "device": str(device), "model_config": asdict(cfg), "train_config": asdict(tcfg),
                 "finetune_from": None if finetune_from is None else str(finetune_from),
-                "steps": step, "trials_per_s": trials_seen / step_time if step_time else None,
+                "unit_dropout": unit_dropout, "steps": step,
+                "trials_per_s": trials_seen / step_time if step_time else None,
                 "best": {"epoch": best_epoch, "score": best_score}, "history": history,
             })
         barrier(info)
@@ -585,8 +588,9 @@ def finished_run(out: Path | str, arrays: Mapping[str, TrialArrays], train_cfg: 
             value = {k: v for k, v in value.items() if k not in _RUN_KEYS_IGNORED}
         if have != value:
             if isinstance(value, dict) and isinstance(have, dict):
-                diff = f"{key}: " + ", ".join(f"{k}={have.get(k)!r} (now {v!r})" for k, v in value.items()
-                                              if have.get(k) != v)
+                diff = f"{key}: " + ", ".join(
+                    (f"{k}={have[k]!r}" if k in have else f"{k} not recorded") + f" (now {v!r})"
+                    for k, v in value.items() if k not in have or have[k] != v)
             else:
                 diff = f"{key}={have!r} (now {value!r})"
             raise invalid(f"run in {out}", "was made with another configuration", diff,
