@@ -287,10 +287,8 @@ def spread_table(spread: Mapping[str, Mapping[str, Mapping[str, Any]]], models: 
         cells = []
         for k in metrics:
             entry = spread[m].get(k) or {}
-            values = [v for v in entry.get("values", []) if v is not None]
-            sd = entry.get("sd")
-            cells.append("-" if not values or len(values) < len(entry["values"]) else
-                         f"{sum(values) / len(values):.3f}" + ("" if sd is None else f" ± {sd:.3f}"))
+            mean, sd = entry.get("mean"), entry.get("sd")
+            cells.append(_fmt(mean) + ("" if mean is None or sd is None else f" ± {sd:.3f}"))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 

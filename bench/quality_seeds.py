@@ -48,6 +48,17 @@ def seed_folder(seed: int) -> str:
     return f"seed_{seed}"
 
 
+def _every_seed(values: Sequence[float | None]) -> list[float] | None:
+    """The seeds' values as floats, or None when any seed lacks its value (no statistic of the others)."""
+    present = [float(v) for v in values if v is not None]
+    return present if len(present) == len(values) else None
+
+
+def _seed_mean(values: Sequence[float | None]) -> float | None:
+    whole = _every_seed(values)
+    return None if whole is None else clean(statistics.fmean(whole))
+
+
 def mean_results(per_seed: Sequence[Rows]) -> Rows:
     """Seed means of ``{eid: {model: {metric: value}}}``; None where any seed lacks the value."""
     first = per_seed[0]
@@ -61,9 +72,7 @@ def mean_results(per_seed: Sequence[Rows]) -> Rows:
         for model, metrics in models.items():
             out[eid][model] = {}
             for metric in metrics:
-                values = [v for rows in per_seed if (v := rows[eid][model].get(metric)) is not None]
-                out[eid][model][metric] = clean(statistics.fmean(values)) if len(values) == len(per_seed) \
-                    else None
+                out[eid][model][metric] = _seed_mean([rows[eid][model].get(metric) for rows in per_seed])
     return out
 
 
@@ -79,24 +88,23 @@ def mean_regions(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out = dict(first)
     out["per_seed"] = {k: [clean(r.get(k)) for r in per_seed] for k in scores}
     for k, values in out["per_seed"].items():
-        out[k] = None if any(v is None for v in values) else clean(statistics.fmean(values))
+        out[k] = _seed_mean(values)
     return out
 
 
 def seed_spread(per_seed_means: Sequence[Mapping[str, Mapping[str, float | None]]]
                 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{model: {metric: {values, sd, min, max}}}`` of the session means of each seed (sd: sample standard
-    deviation; None with one seed or a missing value)."""
+    """``{model: {metric: {values, mean, sd, min, max}}}`` of the session means of each seed (sd: sample
+    standard deviation, None with one seed; every statistic None when a seed lacks the value)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for model, metrics in per_seed_means[0].items():
         out[model] = {}
         for metric in metrics:
             values = [m.get(model, {}).get(metric) for m in per_seed_means]
-            whole = [float(v) for v in values if v is not None]
-            if len(whole) < len(values):
-                whole = []
+            whole = _every_seed(values) or []
             out[model][metric] = {
-                "values": values, "sd": clean(statistics.stdev(whole)) if len(whole) > 1 else None,
+                "values": values, "mean": _seed_mean(values),
+                "sd": clean(statistics.stdev(whole)) if len(whole) > 1 else None,
                 "min": min(whole) if whole else None, "max": max(whole) if whole else None,
             }
     return out

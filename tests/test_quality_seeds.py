@@ -64,7 +64,9 @@ def test_seed_spread_and_region_means() -> None:
     assert spread["wheel_r2"]["values"] == [0.6, 0.7, 0.8]
     assert spread["wheel_r2"]["sd"] == pytest.approx(statistics.stdev([0.6, 0.7, 0.8]))
     assert spread["wheel_r2"]["min"] == 0.6 and spread["wheel_r2"]["max"] == 0.8
+    assert spread["wheel_r2"]["mean"] == pytest.approx(0.7)
     assert spread["choice_balanced_accuracy"]["sd"] is None  # a seed without it
+    assert spread["choice_balanced_accuracy"]["mean"] is None
     regions = mean_regions([{**REGIONS, "neds_accuracy": 0.5}, {**REGIONS, "neds_accuracy": 0.7}])
     assert regions["neds_accuracy"] == pytest.approx(0.6) and regions["psth_accuracy"] == pytest.approx(0.5)
     assert regions["per_seed"]["neds_accuracy"] == [0.5, 0.7]
