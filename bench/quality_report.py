@@ -212,8 +212,10 @@ def assemble(
     chances: Mapping[str, Mapping[str, float | None]] | None = None,
     regions: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    notes: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The whole report as a JSON-ready dict (see the module doc for the inputs)."""
+    """The whole report as a JSON-ready dict (see the module doc for the inputs). ``notes``: model notes of
+    an earlier report, kept for the models :data:`MODEL_NOTES` does not describe (rows added later)."""
     if not results:
         raise invalid("results", "must hold at least one held-out session", 0,
                       "run the comparison on one or more held-out sessions", kind=DataError)
@@ -225,7 +227,7 @@ def assemble(
     report: dict[str, Any] = dict(extra or {})
     report.update({
         "metrics": list(METRICS), "tasks": dict(TASKS), "models": model_order(full),
-        "model_notes": {m: MODEL_NOTES.get(m, "") for m in model_order(full)},
+        "model_notes": {m: MODEL_NOTES.get(m) or (notes or {}).get(m) or "" for m in model_order(full)},
         "sessions_evaluated": sorted(full), "results": full, "mean": mean,
         "ceilings": ceil, "chances": ch, "fraction_of_ceiling": fr, "fraction_of_ceiling_mean":
         session_means(fr) if fr else {}, "regions": dict(regions or {}),
@@ -252,10 +254,7 @@ def add_model_rows(report: dict[str, Any], model: str, rows: Mapping[str, Mappin
         "chances", "fraction_of_ceiling", "fraction_of_ceiling_mean", "regions", "checks",
         "streaming_gap"}}
     new = assemble(results, ceilings=report.get("ceilings"), chances=report.get("chances"),
-                   regions=report.get("regions"), extra=keep)
-    for m, n in report.get("model_notes", {}).items():  # notes of rows added earlier (assemble knows
-        if n and not new["model_notes"].get(m):  # only MODEL_NOTES' models)
-            new["model_notes"][m] = n
+                   regions=report.get("regions"), extra=keep, notes=report.get("model_notes"))
     if note:
         new["model_notes"][model] = note
     return new

@@ -127,13 +127,11 @@ def combine(runs: Sequence[SeedRun], extra: Mapping[str, Any]) -> dict[str, Any]
         raise invalid("seed runs", "must be at least 2 to combine", len(runs), "run one seed without --seeds",
                       kind=DataError)
     first = runs[0].report
-    notes = {m: n for m, n in first.get("model_notes", {}).items() if n}
     report = assemble(
         mean_results([r.report["results"] for r in runs]), ceilings=first.get("ceilings"),
         chances=first.get("chances"), regions=mean_regions([r.report.get("regions") or {} for r in runs]),
-        extra={**{k: first[k] for k in _CARRIED if k in first}, **extra},
+        extra={**{k: first[k] for k in _CARRIED if k in first}, **extra}, notes=first.get("model_notes"),
     )
-    report["model_notes"] = {m: report["model_notes"].get(m) or notes.get(m, "") for m in report["models"]}
     report["seeds"] = [r.seed for r in runs]
     report["seed_reports"] = [f"{seed_folder(r.seed)}/report.md" for r in runs]
     report["seed_spread"] = seed_spread([r.report["mean"] for r in runs])

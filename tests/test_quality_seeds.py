@@ -12,7 +12,15 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.quality_bootstrap import region_intervals, trial_intervals
-from bench.quality_report import REGION_CHECKS, assemble, markdown, seeds_text, trial_comparisons
+from bench.quality_report import (
+    MODEL_NOTES,
+    REGION_CHECKS,
+    add_model_rows,
+    assemble,
+    markdown,
+    seeds_text,
+    trial_comparisons,
+)
 from bench.quality_seeds import SeedRun, combine, mean_regions, mean_results, seed_spread
 from neds_rt.cli import app
 from neds_rt.errors import DataError
@@ -185,3 +193,16 @@ def test_bench_quality_two_seeds_end_to_end(tmp_path: Path) -> None:
     for plot in rep["plots"][1:]:
         assert plot.startswith("seed_4/") and (out / plot).stat().st_size > 0
     assert "| seeds |" in (out / "report.md").read_text()
+
+
+def test_combine_keeps_the_notes_of_rows_added_after_assemble() -> None:
+    runs = []
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        run = _run(seed, shift, 0.5)
+        rows = {e: {"wheel_r2": 0.5 + shift} for e in (A, B)}
+        run.report = add_model_rows(run.report, "neds_streaming", rows, note="causal decodes")
+        runs.append(run)
+    report = combine(runs, {})
+    assert report["model_notes"]["neds_streaming"] == "causal decodes"
+    assert report["model_notes"]["neds_multi"] == MODEL_NOTES["neds_multi"]  # known models keep their own
+    assert report["mean"]["neds_streaming"]["wheel_r2"] == pytest.approx(0.51)
