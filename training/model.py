@@ -310,17 +310,21 @@ class NEDS(nn.Module):
 
     def heads(self, eid: str, h: Tensor) -> NEDSOutput:
         """Per-session read-outs of final hidden states (B, T*K, hidden)."""
-        mods = self.session(eid)
         b, length, hidden = h.shape
         k = self.tokens_per_bin
-        h = h.view(b, length // k, k, hidden)  # (B, T, K, hidden)
+        return self.readout(eid, h.view(b, length // k, k, hidden))  # from (B, T, K, hidden)
+
+    def readout(self, eid: str, h: Tensor) -> NEDSOutput:
+        """Session ``eid``'s read-outs of the final states of bins (..., K, hidden), offline and streaming:
+        spikes (..., N), wheel and whisker (...) scaled, choice (..., 2) and block (..., 3) logits."""
+        mods = self.session(eid)
         at = self.token
         return NEDSOutput(
-            spikes=mods.spikes_out(h[:, :, at(SPIKES)]),  # (B, T, N) log expected counts per bin
-            wheel=mods.wheel_out(h[:, :, at(WHEEL)]).squeeze(-1),  # (B, T)
-            whisker=mods.whisker_out(h[:, :, at(WHISKER)]).squeeze(-1),  # (B, T)
-            choice=mods.choice_out(self.class_state(h, CHOICE)),  # (B, T, 2)
-            block=mods.block_out(self.class_state(h, BLOCK)),  # (B, T, 3)
+            spikes=mods.spikes_out(h[..., at(SPIKES), :]),  # (..., N) log expected counts per bin
+            wheel=mods.wheel_out(h[..., at(WHEEL), :]).squeeze(-1),  # (...)
+            whisker=mods.whisker_out(h[..., at(WHISKER), :]).squeeze(-1),  # (...)
+            choice=mods.choice_out(self.class_state(h, CHOICE)),  # (..., 2)
+            block=mods.block_out(self.class_state(h, BLOCK)),  # (..., 3)
         )
 
     def forward(

@@ -30,14 +30,10 @@ from torch import Tensor, nn
 
 from neds_rt.rotary import rotary_step_tables
 from training.model import (
-    BLOCK,
-    CHOICE,
     MODALITIES,
     N_MODALITIES,
     NEDS,
     SPIKES,
-    WHEEL,
-    WHISKER,
     Block,
     rotary_tables,
 )
@@ -54,19 +50,17 @@ DECODE_CHANNELS: tuple[tuple[str, str], ...] = (
 
 def decode_outputs(model: NEDS, eid: str, h: Tensor) -> tuple[Tensor, Tensor]:
     """Final hidden states (..., K, hidden) -> decodes (..., 6) in physical units, log-rates (..., N)."""
-    mods = model.session(eid)
-    at = model.token
+    out = model.readout(eid, h)
     vocab = model.vocab.get(eid)
     norm = vocab.norm if vocab is not None else None
-    wheel = mods.wheel_out(h[..., at(WHEEL), :])  # (..., 1) scaled
-    whisker = mods.whisker_out(h[..., at(WHISKER), :])  # (..., 1) scaled
+    wheel, whisker = out.wheel.unsqueeze(-1), out.whisker.unsqueeze(-1)  # (..., 1) scaled
     if norm is not None:
         wheel = wheel * (norm.wheel_max - norm.wheel_min) + norm.wheel_min
         whisker = whisker * (norm.whisker_max - norm.whisker_min) + norm.whisker_min
-    p_choice = F.softmax(mods.choice_out(model.class_state(h, CHOICE)), dim=-1)[..., 1:2]  # (..., 1) P(cw)
-    p_block = F.softmax(mods.block_out(model.class_state(h, BLOCK)), dim=-1)  # (..., 3)
+    p_choice = F.softmax(out.choice, dim=-1)[..., 1:2]  # (..., 1) P(cw)
+    p_block = F.softmax(out.block, dim=-1)  # (..., 3)
     decodes = torch.cat([wheel, whisker, p_choice, p_block], dim=-1)  # (..., 6)
-    return decodes, mods.spikes_out(h[..., at(SPIKES), :])  # (..., N) log expected counts
+    return decodes, out.spikes  # (..., N) log expected counts
 
 
 def bin_tokens(model: NEDS, eid: str, counts: Tensor) -> Tensor:
