@@ -222,12 +222,14 @@ def neds_metrics(pred: Mapping[str, np.ndarray], arr: TrialArrays, rows: np.ndar
     return out
 
 
-def neuron_embeddings(model: NEDS, eid: str) -> np.ndarray:
-    """(N, 2 * hidden): each neuron's column of the spike stitching and its row of the spike output head."""
+def embedding_parts(model: NEDS, eid: str) -> dict[str, np.ndarray]:
+    """Each neuron's learned embeddings: ``stitch`` (N, hidden), its column of the spike stitching, and
+    ``head`` (N, hidden), its row of the spike output head."""
     mods = model.session(eid)
-    stitch = mods.stitch.weight.detach().cpu().numpy().T  # (N, hidden) from (hidden, N)
-    head = mods.spikes_out.weight.detach().cpu().numpy()  # (N, hidden)
-    return np.concatenate([stitch, head], axis=1).astype(np.float64)
+    return {
+        "stitch": mods.stitch.weight.detach().cpu().numpy().T.astype(np.float64),  # from (hidden, N)
+        "head": mods.spikes_out.weight.detach().cpu().numpy().astype(np.float64),  # (N, hidden)
+    }
 
 
 # ---- per-session baselines and oracle --------------------------------------------------------------------
@@ -449,22 +451,23 @@ def _regions(data: Path, arrays: Mapping[str, TrialArrays], pre: list[str], pret
     from training.oracle import fraction_of_ceiling, true_loadings_for
     from training.regions import classify_regions, psth_features
 
-    emb, psth, regions, truth = [], [], [], []
+    parts_by_session, psth, regions, truth = [], [], [], []
     for eid, model in [*((e, pretrained) for e in pre), *finetuned.items()]:
         arr = arrays[eid]
-        emb.append(neuron_embeddings(model, eid))
+        parts_by_session.append(embedding_parts(model, eid))
         psth.append(psth_features(arr.spikes, rows=arr.subset(TRAIN), choice=arr.choice, smooth_bins=1.0))
         regions.append(np.asarray(arr.regions).astype(str))
         if _has_ground_truth(data, arr):
             truth.append(true_loadings_for(arr, data))
-    x_emb, x_psth, reg = np.concatenate(emb), np.concatenate(psth), np.concatenate(regions)
-    half = x_emb.shape[1] // 2  # neuron_embeddings: [stitching column | spike-head row]
+    x_parts = {name: np.concatenate([p[name] for p in parts_by_session]) for name in parts_by_session[0]}
+    x_emb = np.concatenate(list(x_parts.values()), axis=1)  # the check's features: the parts side by side
+    x_psth, reg = np.concatenate(psth), np.concatenate(regions)
     try:
         neds = classify_regions(x_emb, reg, n_splits=cfg.region_folds, seed=cfg.seed)
         base = classify_regions(x_psth, reg, n_splits=cfg.region_folds, seed=cfg.seed)
         parts = {name: classify_regions(x, reg, n_splits=cfg.region_folds, seed=cfg.seed)
-                 for name, x in (("stitch", x_emb[:, :half]), ("head", x_emb[:, half:]))}
-        if len(truth) == len(emb):
+                 for name, x in x_parts.items()}
+        if len(truth) == len(parts_by_session):
             parts["oracle"] = classify_regions(np.concatenate(truth), reg, n_splits=cfg.region_folds,
                                                seed=cfg.seed)
     except DataError as err:
@@ -486,7 +489,7 @@ def _regions(data: Path, arrays: Mapping[str, TrialArrays], pre: list[str], pret
                 log.warning("region classification: no fraction of the ceiling (%s)", err)
     scores.update({
         "n_neurons": int(neds.kept.size), "n_regions": int(neds.classes.size), "n_splits": neds.n_splits,
-        "classes": neds.classes.tolist(), "dropped": neds.dropped, "sessions": len(emb),
+        "classes": neds.classes.tolist(), "dropped": neds.dropped, "sessions": len(parts_by_session),
         "features": "stitching column + spike-head row of each neuron (pretrained and fine-tuned NEDS)",
         "oracle_features": "the simulator's true loadings of each neuron on its latents" if "oracle" in parts
         else None,

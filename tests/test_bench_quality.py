@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bench.quality import QualityConfig, add_streaming_rows, neds_metrics, prepare_sessions
+from bench.quality import QualityConfig, add_streaming_rows, embedding_parts, neds_metrics, prepare_sessions
 from bench.quality_plots import plot_psths, plot_traces
 from bench.quality_report import (
     GAP_METRICS,
@@ -315,6 +315,19 @@ def test_cli_streaming_is_on_by_default_and_can_be_skipped(monkeypatch: pytest.M
         assert res.exit_code == 0, res.output
     assert [c.streaming for c in seen] == [True, True, False, False]
     assert seen[1].preset == "tiny" and seen[3].preset == "tiny"
+
+
+def test_embedding_parts_are_each_neurons_stitch_column_and_spike_head_row() -> None:
+    from tests._models import tiny_streaming_model
+
+    model = tiny_streaming_model(n_units=7)
+    mods = model.session("tiny-eid")
+    parts = embedding_parts(model, "tiny-eid")
+    assert list(parts) == ["stitch", "head"]
+    hidden = model.cfg.hidden
+    assert parts["stitch"].shape == parts["head"].shape == (7, hidden)
+    np.testing.assert_array_equal(parts["stitch"][3], mods.stitch.weight.detach().numpy()[:, 3])
+    np.testing.assert_array_equal(parts["head"][3], mods.spikes_out.weight.detach().numpy()[3])
 
 
 def test_assemble_needs_sessions() -> None:
