@@ -66,6 +66,8 @@ class SessionVocab:
 
 
 class NEDSOutput(NamedTuple):
+    """Read-outs as :meth:`NEDS.heads` gives them; :meth:`NEDS.readout`: the same, any leading shape."""
+
     spikes: Tensor  # (B, T, N) Poisson log expected count per bin
     wheel: Tensor  # (B, T) scaled wheel speed
     whisker: Tensor  # (B, T) scaled whisker motion energy
