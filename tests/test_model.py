@@ -57,6 +57,22 @@ def test_forward_shapes_per_session() -> None:
     assert all(torch.isfinite(x).all() for x in out)
 
 
+@pytest.mark.parametrize("tokens", ["modality", "fused"])
+def test_readout_of_bins_is_the_heads_for_any_leading_shape(tokens: str) -> None:
+    torch.manual_seed(0)
+    model = NEDS(tiny(tokens=tokens)).eval()
+    model.add_session(EID, 9)
+    k, hidden = model.tokens_per_bin, model.cfg.hidden
+    h = torch.randn(2, 12 * k, hidden)  # (B, T*K, hidden) final states
+    heads = model.heads(EID, h)
+    bins = model.readout(EID, h.view(24, k, hidden))  # (B*T, K, hidden): no time axis, as a streaming step
+    kept = model.readout(EID, h.view(2, 12, k, hidden), channel_axis=True)
+    for name, whole, flat, with_axis in zip(heads._fields, heads, bins, kept, strict=True):
+        torch.testing.assert_close(flat, whole.reshape(24, *whole.shape[2:]), msg=name)
+        expected = whole.unsqueeze(-1) if name in ("wheel", "whisker") else whole
+        torch.testing.assert_close(with_axis, expected, msg=name)
+
+
 def test_sessions_keyed_by_eid() -> None:
     model = NEDS(tiny())
     vocab = SessionVocab(EID, np.arange(5, dtype=np.int64), np.array(["CA1"] * 5))

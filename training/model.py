@@ -316,15 +316,18 @@ class NEDS(nn.Module):
         k = self.tokens_per_bin
         return self.readout(eid, h.view(b, length // k, k, hidden))  # from (B, T, K, hidden)
 
-    def readout(self, eid: str, h: Tensor) -> NEDSOutput:
+    def readout(self, eid: str, h: Tensor, channel_axis: bool = False) -> NEDSOutput:
         """Session ``eid``'s read-outs of the final states of bins (..., K, hidden), offline and streaming:
-        spikes (..., N), wheel and whisker (...) scaled, choice (..., 2) and block (..., 3) logits."""
+        spikes (..., N), wheel and whisker (...) scaled (``channel_axis``: (..., 1), as the streaming step
+        concatenates them, with no reshape in its graph), choice (..., 2) and block (..., 3) logits."""
         mods = self.session(eid)
         at = self.token
+        wheel = mods.wheel_out(h[..., at(WHEEL), :])  # (..., 1)
+        whisker = mods.whisker_out(h[..., at(WHISKER), :])  # (..., 1)
         return NEDSOutput(
             spikes=mods.spikes_out(h[..., at(SPIKES), :]),  # (..., N) log expected counts per bin
-            wheel=mods.wheel_out(h[..., at(WHEEL), :]).squeeze(-1),  # (...)
-            whisker=mods.whisker_out(h[..., at(WHISKER), :]).squeeze(-1),  # (...)
+            wheel=wheel if channel_axis else wheel.squeeze(-1),  # (...) or (..., 1)
+            whisker=whisker if channel_axis else whisker.squeeze(-1),  # (...) or (..., 1)
             choice=mods.choice_out(self.class_state(h, CHOICE)),  # (..., 2)
             block=mods.block_out(self.class_state(h, BLOCK)),  # (..., 3)
         )

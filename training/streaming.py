@@ -50,10 +50,10 @@ DECODE_CHANNELS: tuple[tuple[str, str], ...] = (
 
 def decode_outputs(model: NEDS, eid: str, h: Tensor) -> tuple[Tensor, Tensor]:
     """Final hidden states (..., K, hidden) -> decodes (..., 6) in physical units, log-rates (..., N)."""
-    out = model.readout(eid, h)
+    out = model.readout(eid, h, channel_axis=True)
     vocab = model.vocab.get(eid)
     norm = vocab.norm if vocab is not None else None
-    wheel, whisker = out.wheel.unsqueeze(-1), out.whisker.unsqueeze(-1)  # (..., 1) scaled
+    wheel, whisker = out.wheel, out.whisker  # (..., 1) scaled
     if norm is not None:
         wheel = wheel * (norm.wheel_max - norm.wheel_min) + norm.wheel_min
         whisker = whisker * (norm.whisker_max - norm.whisker_min) + norm.whisker_min
