@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from neds_rt.errors import DataError, invalid
+from training.config import FINETUNE_UNIT_DROPOUT
 
 METRICS: Final = (
     "bits_per_spike", "wheel_r2", "whisker_r2", "choice_accuracy", "choice_balanced_accuracy",
@@ -43,7 +44,7 @@ MODEL_NOTES: Final = {
     "neds_decoding": "NEDS trained with decoding masking only (single session)",
     "neds_single": "NEDS, all four masking schemes, trained on the held-out session alone",
     "neds_multi": "NEDS pretrained on the other sessions, fine-tuned on the held-out session (unit dropout "
-                  "0.3, the fine-tuning default)",
+                  f"{FINETUNE_UNIT_DROPOUT}, the fine-tuning default)",
 }
 HEADLINE: Final = "neds_multi"  # the NEDS row the done-when checks judge
 BASELINE_FOR_TASK: Final = {"encoding": "rrr", "wheel": "linear", "whisker": "linear", "choice": "linear",
