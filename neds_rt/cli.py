@@ -95,6 +95,9 @@ def train(
         min=0.0, max=0.95, help="Share of units zeroed in each training trial's spike input (the loss still "
         f"scores every unit), against memorising a session's trials. Default {FINETUNE_UNIT_DROPOUT} with "
         "--finetune-from, else 0.")] = None,
+    frozen_epochs: Annotated[int, typer.Option(
+        min=0, help="With --finetune-from: epochs at the start that train the sessions' own layers alone "
+        "(stitching, embedding, heads), the shared layers kept as pretrained; then every layer trains.")] = 0,
     mask_ratio: Annotated[float | None, typer.Option(
         help="Fraction of bins the within-modality and cross-modal masks hide. Default 0.3, or the "
              "checkpoint's when fine-tuning.")] = None,
@@ -137,7 +140,8 @@ def train(
             model_cfg = NEDSConfig.preset(preset, n_sessions=len(arrays), mode=mode, tokens=tokens)
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps,
                            device=device, progress=progress, spike_weight=spike_weight,
-                           unit_dropout=unit_dropout, refit_class_heads=refit_class_heads)
+                           unit_dropout=unit_dropout, frozen_epochs=frozen_epochs,
+                           refit_class_heads=refit_class_heads)
         result = run_training(arrays, out, model_cfg, tcfg, finetune_from=finetune_from,
                               mask_ratio=mask_ratio, resume=resume)
     except NedsRtError as err:

@@ -382,6 +382,73 @@ def test_unit_dropout_hides_units_from_the_input_but_the_loss_scores_their_true_
         TrainConfig(unit_dropout=1.0)
 
 
+def test_frozen_start_trains_the_session_layers_alone_then_every_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train([synthetic_arrays(EIDS[0])], tmp_path / "pre", tiny_cfg(), quick(epochs=1))
+    pretrained = load_checkpoint(tmp_path / "pre" / "best.pt").shared_parameters()
+    states: list[dict[str, torch.Tensor]] = []  # every parameter, at the start and after each epoch
+    real_finetune, real_eval = train_mod._finetune_model, train_mod.masked_eval_loss
+
+    def snapshot(model: Any) -> None:
+        states.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    def finetune_spy(*args: Any, **kwargs: Any) -> Any:
+        model = real_finetune(*args, **kwargs)
+        snapshot(model)
+        return model
+
+    def eval_spy(model: Any, *args: Any, **kwargs: Any) -> Any:
+        snapshot(model)
+        return real_eval(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_finetune_model", finetune_spy)
+    monkeypatch.setattr(train_mod, "masked_eval_loss", eval_spy)
+    arrays = [synthetic_arrays(EIDS[1], seed=1)]
+    pre = tmp_path / "pre" / "best.pt"
+    train(arrays, tmp_path / "ft", None, quick(epochs=3, frozen_epochs=2), finetune_from=pre)
+    assert len(states) == 4
+    names = list(states[0])
+    shared = [n for n in names if not n.startswith("sessions.")]
+    own = [n for n in names if n.startswith("sessions.")]
+    assert shared and own and set(shared) == set(pretrained)
+    for epoch in (1, 2):  # frozen: the shared layers stay as pretrained, the session's own layers learn
+        assert all(torch.equal(states[epoch][n], pretrained[n]) for n in shared)
+        assert any(not torch.equal(states[epoch][n], states[epoch - 1][n]) for n in own)
+    assert any(not torch.equal(states[3][n], pretrained[n]) for n in shared)  # epoch 3: every layer trains
+    ran = json.loads((tmp_path / "ft" / "metrics.json").read_text())["train_config"]
+    assert ran["frozen_epochs"] == 2
+
+    states.clear()
+    train(arrays, tmp_path / "default", None, quick(epochs=1), finetune_from=pre)  # off by default
+    ran = json.loads((tmp_path / "default" / "metrics.json").read_text())["train_config"]
+    assert ran["frozen_epochs"] == 0
+    assert any(not torch.equal(states[1][n], pretrained[n]) for n in shared)
+    with pytest.raises(ConfigError, match=r"TrainConfig\.frozen_epochs: freezes pretrained shared layers, "
+                       r"so it needs finetune_from"):
+        train(arrays, tmp_path / "scratch", tiny_cfg(), quick(frozen_epochs=1))
+    with pytest.raises(ConfigError, match=r"TrainConfig\.frozen_epochs: must be an integer >= 0"):
+        TrainConfig(frozen_epochs=-1)
+
+
+def test_train_command_passes_frozen_epochs_to_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from neds_rt.cli import app
+
+    arrays = {EIDS[0]: synthetic_arrays(EIDS[0], n_trials=40, n_bins=100)}  # the presets' window
+    monkeypatch.setattr(train_mod, "load_run_arrays", lambda *a, **k: arrays)
+    args = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", "tiny",
+            "--epochs", "1", "--no-progress", "--device", "cpu", "--threads", "1", "--frozen-epochs", "3"]
+    res = CliRunner().invoke(app, args)  # no --finetune-from: nothing pretrained to freeze
+    assert res.exit_code == 2
+    want = "TrainConfig.frozen_epochs: freezes pretrained shared layers, so it needs finetune_from (got 3)"
+    assert want in res.output, res.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_nan_loss_stops_with_step_and_trials(tmp_path: Path) -> None:
     arr = synthetic_arrays(EIDS[0])
     wheel = arr.wheel.copy()

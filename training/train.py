@@ -17,6 +17,8 @@
 - Fine-tuning (``finetune_from``) keeps the checkpoint's shared transformer and embeddings and builds new
   stitching layers, session embedding and heads for the sessions trained on. It drops 30 % of the units from
   each trial's spike input by default (``TrainConfig.unit_dropout``, :func:`training.masking.drop_units`).
+  ``TrainConfig.frozen_epochs`` trains the sessions' own layers alone, the shared ones frozen, for that many
+  epochs first.
 """
 
 from __future__ import annotations
@@ -438,6 +440,11 @@ def _train(
     cfg = model.cfg
     _check_bins(cfg, data)
     unit_dropout = tcfg.unit_dropout_for(finetuning=finetune_from is not None)
+    if tcfg.frozen_epochs and finetune_from is None:
+        raise invalid("TrainConfig.frozen_epochs", "freezes pretrained shared layers, so it needs "
+                      "finetune_from", tcfg.frozen_epochs, "fine-tune from a checkpoint, or leave it at 0",
+                      kind=ConfigError)
+    shared = list(model.shared_parameters().values())
     device = info.device
     model.to(device)
     net = wrap(model, info)
@@ -460,8 +467,8 @@ def _train(
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         log.info("training %s sessions, %s parameters, %s steps/epoch x %s epochs on %s (world %s), unit "
-                 "dropout %s", len(data), n_params, steps_per_epoch, tcfg.epochs, device, info.world,
-                 unit_dropout)
+                 "dropout %s, shared layers frozen for %s epochs", len(data), n_params, steps_per_epoch,
+                 tcfg.epochs, device, info.world, unit_dropout, tcfg.frozen_epochs)
     gen = torch.Generator().manual_seed(tcfg.seed * 7919 + info.rank + 1)
     schemes = tuple(Scheme[name.upper()] for name in tcfg.schemes)  # masking schemes drawn
     # each session's training variance of wheel/whisker: their MSE becomes scale-free, like the other losses
@@ -492,6 +499,9 @@ def _train(
                 raise _nan_error("training loss", step, batch, loss_value)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if epoch < tcfg.frozen_epochs:  # frozen start: the sessions' own layers alone learn
+                for p in shared:  # AdamW skips a parameter without a gradient, weight decay included
+                    p.grad = None
             max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf
             grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), max_norm))
             if not math.isfinite(grad_norm):
