@@ -161,7 +161,7 @@ class TrainConfig:
     # epochs at the start of fine-tuning in which the shared layers keep their pretrained weights and only the
     # sessions' own layers (stitching, embedding, heads) learn; then every layer trains (linear probing, then
     # fine-tuning). Off by default: it helped choice at 1,000 trials but not clearly at 400, and the VAL score
-    # did not tell it apart; see the README, "A frozen start"
+    # did not tell it apart; see the README, "A frozen start for fine-tuning"
     frozen_epochs: int = 0
 
     def unit_dropout_for(self, finetuning: bool) -> float:
