@@ -86,6 +86,9 @@ class QualityConfig:
     # training seeds: > 1 runs the comparison for seed, seed + 1, ... into OUT/seed_S and judges the checks on
     # the seed means (bench.quality_seeds); the data are simulated once, with ``seed``
     seeds: int = 1
+    # the multi-session NEDS's fine-tuning trains the held-out session's own layers alone for this many epochs
+    # first (TrainConfig.frozen_epochs; the README, "A frozen start for fine-tuning")
+    frozen_epochs: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_pretrain", "n_heldout", "epochs", "pretrain_epochs", "finetune_epochs", "batch_size",
@@ -93,6 +96,10 @@ class QualityConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise invalid(f"QualityConfig.{name}", "must be an integer >= 1", value, kind=ConfigError)
+        frozen = self.frozen_epochs
+        if isinstance(frozen, bool) or not isinstance(frozen, int) or frozen < 0:
+            raise invalid("QualityConfig.frozen_epochs", "must be an integer >= 0", self.frozen_epochs,
+                          kind=ConfigError)
         if self.preset not in _PRESETS:
             raise invalid("QualityConfig.preset", f"must be one of {_PRESETS}", self.preset, kind=ConfigError)
 
@@ -153,7 +160,8 @@ def _train_neds(arrays: Mapping[str, TrialArrays], out: Path, cfg: QualityConfig
     from training.config import SCHEMES, NEDSConfig, TrainConfig
 
     tcfg = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, progress=False,
-                       device=cfg.device, schemes=schemes or SCHEMES)
+                       device=cfg.device, schemes=schemes or SCHEMES,
+                       frozen_epochs=cfg.frozen_epochs if finetune_from else 0)
     model_cfg = None if finetune_from else NEDSConfig.preset(cfg.preset, n_sessions=len(arrays))
     return train_or_reuse(arrays, out, model_cfg, tcfg, finetune_from=finetune_from, resume=cfg.resume)
 

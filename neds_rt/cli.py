@@ -468,6 +468,9 @@ def bench_quality(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Reuse the training runs that ended under OUT/models and continue the ones cut "
         "short (same settings only); for long runs that get interrupted.")] = False,
+    frozen_epochs: Annotated[int, typer.Option(
+        min=0, help="Epochs at the start of the multi-session NEDS's fine-tuning that train the held-out "
+        "session's own layers alone (neds-rt train --frozen-epochs).")] = 0,
 ) -> None:
     """NEDS vs linear, RRR and unimodal baselines and the oracle ceiling, and the streaming NEDS's gap to the
     offline one: report.json/.md and PNGs."""
@@ -480,7 +483,7 @@ def bench_quality(
     fields: dict[str, Any] = {k: v for k, v in dict(n_pretrain=pretrain, n_heldout=heldout, preset=preset)
                               .items() if v is not None}
     fields |= dict(seed=seed, seeds=seeds, threads=threads, streaming=streaming, int8=int8, int4=int4,
-                   resume=resume)
+                   resume=resume, frozen_epochs=frozen_epochs)
     if epochs is not None:
         fields |= dict(epochs=epochs, pretrain_epochs=epochs, finetune_epochs=epochs)
     try:

@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from bench.quality_report import (
 from neds_rt.cli import app
 from neds_rt.errors import ConfigError, DataError
 from training.arrays import TEST, TRAIN, VAL, ContinuousArrays, Normalisation, TrialArrays
+from training.config import TrainConfig
 
 A, B = "sess-a", "sess-b"
 
@@ -315,6 +317,37 @@ def test_cli_streaming_is_on_by_default_and_can_be_skipped(monkeypatch: pytest.M
         assert res.exit_code == 0, res.output
     assert [c.streaming for c in seen] == [True, True, False, False]
     assert seen[1].preset == "tiny" and seen[3].preset == "tiny"
+
+
+def test_frozen_epochs_reach_the_multi_session_fine_tuning_alone(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    import bench.quality as quality
+
+    seen: list[QualityConfig] = []
+
+    def fake(data: Path, out: Path, cfg: QualityConfig, command: str = "") -> dict:
+        seen.append(cfg)
+        return {**_report(), "timing": {"total_s": 1.0}}
+
+    monkeypatch.setattr(quality, "run_quality", fake)
+    for extra in ([], ["--frozen-epochs", "5"]):
+        res = CliRunner().invoke(app, ["bench", "quality", "--data", str(tmp_path), "--out", str(tmp_path),
+                                       "--quick", *extra])
+        assert res.exit_code == 0, res.output
+    assert [c.frozen_epochs for c in seen] == [0, 5]
+    runs: list[tuple[TrainConfig, Path | None]] = []
+
+    def record(arrays: Any, out: Path, model_cfg: Any, tcfg: TrainConfig, *,
+               finetune_from: Path | None = None, resume: bool = False) -> None:
+        runs.append((tcfg, finetune_from))
+
+    monkeypatch.setattr(quality, "train_or_reuse", record)
+    cfg, one_session = QualityConfig.quick(frozen_epochs=3), {"eid": None}  # the arrays are not looked at
+    quality._train_neds(one_session, tmp_path / "multi", cfg, 6, finetune_from=tmp_path / "pre.pt")
+    quality._train_neds(one_session, tmp_path / "single", cfg, 6)
+    assert [(t.frozen_epochs, f) for t, f in runs] == [(3, tmp_path / "pre.pt"), (0, None)]  # scratch: none
+    with pytest.raises(ConfigError, match=r"QualityConfig\.frozen_epochs: must be an integer >= 0"):
+        QualityConfig(frozen_epochs=-1)
 
 
 def test_embedding_parts_are_each_neurons_stitch_column_and_spike_head_row() -> None:
