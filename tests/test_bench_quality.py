@@ -300,8 +300,9 @@ def test_streaming_scores_are_causal_and_on_exactly_the_test_trials() -> None:
     assert not np.allclose(changed[-1], dec[0, -1], atol=1e-3)
 
 
-def test_cli_streaming_is_on_by_default_and_can_be_skipped(monkeypatch: pytest.MonkeyPatch,
-                                                           tmp_path: Path) -> None:
+def _cli_configs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                 *option_sets: list[str]) -> list[QualityConfig]:
+    """The QualityConfig that ``neds-rt bench quality`` builds from each set of options (nothing is run)."""
     import bench.quality as quality
 
     seen: list[QualityConfig] = []
@@ -311,10 +312,17 @@ def test_cli_streaming_is_on_by_default_and_can_be_skipped(monkeypatch: pytest.M
         return {**_report(), "timing": {"total_s": 1.0}}
 
     monkeypatch.setattr(quality, "run_quality", fake)
-    for extra in ([], ["--quick"], ["--no-streaming"], ["--quick", "--no-streaming"]):
+    for extra in option_sets:
         res = CliRunner().invoke(app, ["bench", "quality", "--data", str(tmp_path), "--out", str(tmp_path),
                                        *extra])
         assert res.exit_code == 0, res.output
+    return seen
+
+
+def test_cli_streaming_is_on_by_default_and_can_be_skipped(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    seen = _cli_configs(monkeypatch, tmp_path, [], ["--quick"], ["--no-streaming"],
+                        ["--quick", "--no-streaming"])
     assert [c.streaming for c in seen] == [True, True, False, False]
     assert seen[1].preset == "tiny" and seen[3].preset == "tiny"
 
@@ -323,17 +331,7 @@ def test_frozen_epochs_reach_the_multi_session_fine_tuning_alone(monkeypatch: py
                                                                   tmp_path: Path) -> None:
     import bench.quality as quality
 
-    seen: list[QualityConfig] = []
-
-    def fake(data: Path, out: Path, cfg: QualityConfig, command: str = "") -> dict:
-        seen.append(cfg)
-        return {**_report(), "timing": {"total_s": 1.0}}
-
-    monkeypatch.setattr(quality, "run_quality", fake)
-    for extra in ([], ["--frozen-epochs", "5"]):
-        res = CliRunner().invoke(app, ["bench", "quality", "--data", str(tmp_path), "--out", str(tmp_path),
-                                       "--quick", *extra])
-        assert res.exit_code == 0, res.output
+    seen = _cli_configs(monkeypatch, tmp_path, ["--quick"], ["--quick", "--frozen-epochs", "5"])
     assert [c.frozen_epochs for c in seen] == [0, 5]
     runs: list[tuple[TrainConfig, Path | None]] = []
 
