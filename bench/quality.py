@@ -91,15 +91,13 @@ class QualityConfig:
     frozen_epochs: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_pretrain", "n_heldout", "epochs", "pretrain_epochs", "finetune_epochs", "batch_size",
-                     "threads", "region_folds", "seeds"):
+        counts = ("n_pretrain", "n_heldout", "epochs", "pretrain_epochs", "finetune_epochs", "batch_size",
+                  "threads", "region_folds", "seeds")
+        for name, lowest in [(name, 1) for name in counts] + [("frozen_epochs", 0)]:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise invalid(f"QualityConfig.{name}", "must be an integer >= 1", value, kind=ConfigError)
-        frozen = self.frozen_epochs
-        if isinstance(frozen, bool) or not isinstance(frozen, int) or frozen < 0:
-            raise invalid("QualityConfig.frozen_epochs", "must be an integer >= 0", self.frozen_epochs,
-                          kind=ConfigError)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise invalid(f"QualityConfig.{name}", f"must be an integer >= {lowest}", value,
+                              kind=ConfigError)
         if self.preset not in _PRESETS:
             raise invalid("QualityConfig.preset", f"must be one of {_PRESETS}", self.preset, kind=ConfigError)
 
