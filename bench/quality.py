@@ -8,7 +8,8 @@ on the same TRAIN / VAL / TEST splits (trained on TRAIN, selected on VAL, scored
   ``psth``: its smoothed TRAIN PSTH alone;
 - ``neds_encoding`` / ``neds_decoding``: NEDS trained with one masking scheme only; ``neds_single``: NEDS,
   all schemes, on the session alone; ``neds_multi``: the pretrained NEDS fine-tuned on the session;
-- ``oracle`` (simulated sessions): true rates for bits/spike, linear decoders on the true latents;
+- ``oracle`` (simulated sessions): true rates for bits/spike, linear decoders on the true latents; and
+  ``latent_variance``, the share of the session's log-rate variance each simulated latent drives;
 - ``neds_streaming`` (unless ``streaming=False``): a causal NEDS trained on continuous windows of the session
   and run as the step runtime runs it, with its gap to ``neds_single`` (:mod:`bench.quality_streaming`).
 
@@ -357,7 +358,7 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str
     from streams.load import open_one
     from training.arrays import TEST, TRAIN
     from training.cache import load_arrays
-    from training.oracle import chance_levels
+    from training.oracle import chance_levels, latent_shares_for
 
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -372,6 +373,7 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     ceilings: dict[str, dict[str, float | None]] = {}
     chances: dict[str, dict[str, float | None]] = {}
+    shares: dict[str, dict[str, float]] = {}  # eid -> latent -> share of the log-rate variance (simulated)
     helds: dict[str, HeldOut] = {}
     finetuned: dict[str, NEDS] = {}
     for eid in heldout:
@@ -383,6 +385,10 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str
         if _has_ground_truth(data, arr):
             ceilings[eid] = _oracle(data, arr, held)
             rows["oracle"] = dict(ceilings[eid])
+            try:
+                shares[eid] = latent_shares_for(arr, data)
+            except DataError as err:
+                log.warning("session %s: no latent variance shares (%s)", eid, err)
         timing[f"baselines_{eid}_s"] = time.perf_counter() - t0
         models_dir = out / "models" / eid
         variants: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]] = {
@@ -416,6 +422,8 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str
         "n_trials": {e: {s: int((arrays[e].split == v).sum()) for s, v in (("train", TRAIN), ("test", TEST))}
                      for e in arrays},
     }
+    if shares:
+        extra["latent_variance"] = shares
     report = assemble(results, ceilings=ceilings, chances=chances, regions=regions, extra=extra)
     t0 = time.perf_counter()
     report["check_intervals"] = _intervals([helds], [region_data], cfg.seed)

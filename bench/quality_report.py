@@ -373,6 +373,11 @@ def markdown(report: Mapping[str, Any]) -> str:
         if noise_free is not None:
             out += [f"Oracle bits/spike with the simulator's private noise latents averaged out (the best a "
                     f"model can do from behaviour alone): {_fmt(noise_free)}.", ""]
+        shares = (report.get("latent_variance") or {}).get(eid)
+        if shares:
+            out += ["Share of the simulated units' log-rate variance that each latent drives (the weaker a "
+                    "behaviour's share, the more neurons and bins a decoder must pool): "
+                    + ", ".join(f"{name} {100 * v:.1f} %" for name, v in shares.items()) + ".", ""]
     reg = report.get("regions") or {}
     if reg:
         out += ["## Brain-region classification from neuron embeddings", "", *_region_table(reg), "",

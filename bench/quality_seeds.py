@@ -30,7 +30,8 @@ from bench.quality_report import Rows, assemble, clean
 from neds_rt.errors import DataError, invalid
 
 # what the combined report keeps from the first seed's report, besides what assemble() rebuilds
-_CARRIED = ("data", "pretrain_sessions", "heldout_sessions", "n_units", "n_trials", "streaming")
+_CARRIED = ("data", "pretrain_sessions", "heldout_sessions", "n_units", "n_trials", "streaming",
+            "latent_variance")
 
 
 @dataclass

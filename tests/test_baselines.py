@@ -28,6 +28,8 @@ from training.oracle import (
     chance_levels,
     decoding_ceiling,
     fraction_of_ceiling,
+    latent_shares_for,
+    latent_variance_shares,
     oracle_bits_per_spike,
     oracle_bits_per_spike_per_neuron,
     true_latents_for,
@@ -290,6 +292,8 @@ def test_true_rates_and_latents_from_ground_truth_file(tmp_path: Path) -> None:
     assert lat.shape == (k, t, n_lat)
     np.testing.assert_allclose(lat[0, 0], gt.latents[:4].mean(axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(true_loadings_for(arrays, tmp_path), gt.loadings[[5, 0, 2]])
+    shares = latent_shares_for(arrays, tmp_path)  # the arrays' units and trial bins only
+    assert shares == pytest.approx(latent_variance_shares(lat, gt.loadings[[5, 0, 2]], ("a", "b", "c")))
     arrays.unit_ids = np.array([10, 99], dtype=np.int64)
     with pytest.raises(DataError, match="no rates for 1 units"):
         true_rates_for(arrays, tmp_path)
@@ -337,3 +341,28 @@ def test_true_rates_marginalise_noise_latents(tmp_path: Path) -> None:
     np.testing.assert_allclose(sampled.mean(axis=(0, 1)), expected, rtol=0.05)  # same mean, not the same bins
     with pytest.raises(DataError, match="marginalise"):
         true_rates_for(arrays, tmp_path, marginalise=("nope",))
+
+
+def test_latent_variance_shares_known_answers() -> None:
+    a = np.array([1.0, -1.0] * 4)  # variance 1 over 8 bins
+    b = np.array([2.0, 2.0, -2.0, -2.0] * 2)  # variance 4, uncorrelated with a
+    two = np.stack([a, b], axis=-1).reshape(4, 2, 2)  # (K, T, L)
+    # unit 0 reads a (log-rate variance 1), unit 1 reads b (variance 4): 1 / 5 and 4 / 5 of the total
+    assert latent_variance_shares(two, np.eye(2), ("a", "b")) == pytest.approx({"a": 0.2, "b": 0.8})
+    assert latent_variance_shares(two, 3 * np.eye(2), ("a", "b")) == pytest.approx({"a": 0.2, "b": 0.8})
+    # unit 1 reads b at weight 2 (log-rate variance 16): a's share falls to 1 / 17; scaling all is a no-op
+    assert latent_variance_shares(two, np.array([[1.0, 0.0], [0.0, 2.0]]), ("a", "b")) == pytest.approx(
+        {"a": 1 / 17, "b": 16 / 17})
+    # two copies of one latent: the unit's variance is 4, each copy's own part 1; the covariance is in neither
+    same = np.stack([a, a], axis=-1).reshape(4, 2, 2)
+    assert latent_variance_shares(same, np.ones((1, 2)), ("x", "y")) == pytest.approx({"x": 0.25, "y": 0.25})
+    with pytest.raises(DataError, match="loadings"):
+        latent_variance_shares(two, np.eye(3), ("a", "b"))
+    with pytest.raises(DataError, match="names"):
+        latent_variance_shares(two, np.eye(2), ("a",))
+    with pytest.raises(DataError, match="no log-rate variance"):
+        latent_variance_shares(two, np.zeros((2, 2)), ("a", "b"))
+    bad = two.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(DataError, match="finite"):
+        latent_variance_shares(bad, np.eye(2), ("a", "b"))

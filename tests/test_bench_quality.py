@@ -30,6 +30,7 @@ from bench.quality_report import (
 )
 from neds_rt.cli import app
 from neds_rt.errors import ConfigError, DataError
+from streams.sim_neurons import LATENT_NAMES
 from training.arrays import TEST, TRAIN, VAL, ContinuousArrays, Normalisation, TrialArrays
 from training.config import TrainConfig
 
@@ -127,6 +128,12 @@ def test_markdown_and_files(tmp_path: Path) -> None:
     assert mdp.read_text() == md
     assert "| NEDS embeddings (the check) | 0.600 |" in md and "| PSTH baseline | 0.500 |" in md
     assert "ceiling" not in md.split("## Brain-region")[1].split("##")[0]  # no ceiling was run
+    assert "log-rate variance" not in md  # no simulated latents: no shares
+    rep["latent_variance"] = {A: {"choice": 0.0029, "whisking": 0.146}}
+    session_a = markdown(rep).split(f"## Session {A}")[1].split("## Session")[0]
+    assert "log-rate variance that each latent drives" in session_a
+    assert "choice 0.3 %, whisking 14.6 %" in session_a
+    assert "log-rate variance" not in markdown(rep).split(f"## Session {B}")[1].split("##")[0]
 
 
 def test_region_table_gives_the_ceiling_and_fractions_when_it_was_run() -> None:
@@ -440,6 +447,9 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
         assert (out / "models" / eid / f"neds_streaming_{scheme}.onnx").exists()
         assert len(info[scheme]["max_abs_diff_vs_float32"]) == len(info[scheme]["r2_vs_float32"]) == 6
     assert isinstance(rep["results"][eid]["oracle"]["bits_per_spike"], float)
+    shares = rep["latent_variance"][eid]  # simulated: what each latent drives of the units' log-rates
+    assert list(shares) == list(LATENT_NAMES) and all(0.0 <= v < 1.0 for v in shares.values())
+    assert shares["choice"] > 0.0  # (block_prior is 0 here: 40 trials all fall in the first, unbiased block)
     reg = rep["regions"]
     assert reg["n_regions"] >= 2 and 0.0 <= reg["neds_accuracy"] <= 1.0
     for name in ("stitch", "head", "oracle"):  # simulated data: the true loadings give the ceiling
@@ -465,6 +475,7 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "| model | bits/spike |" in md and "| neds_multi |" in md and "## Done-when checks" in md
     assert "## Streaming vs offline" in md and "| wheel R2 |" in md and "| neds_streaming |" in md
+    assert f"choice {100 * shares['choice']:.1f} %" in md
     for scheme in ("int8", "int4"):
         assert f"| neds_streaming_{scheme} |" in md and f"{scheme} weights (`neds_streaming_{scheme}`)" in md
 

@@ -45,7 +45,8 @@ def _rows(shift: float) -> dict[str, dict[str, dict[str, float | None]]]:
 
 def _run(seed: int, shift: float, neds_accuracy: float) -> SeedRun:
     report = assemble(_rows(shift), regions={**REGIONS, "neds_accuracy": neds_accuracy},
-                      extra={"data": "/d", "heldout_sessions": [A, B]})
+                      extra={"data": "/d", "heldout_sessions": [A, B],
+                             "latent_variance": {A: {"choice": 0.003}}})
     report["model_notes"]["neds_streaming"] = "causal"  # a note added after assemble (streaming rows)
     return SeedRun(seed, report, {}, {})
 
@@ -89,6 +90,7 @@ def test_combine_judges_the_checks_on_the_seed_means_and_counts_the_seeds() -> N
     assert report["seed_reports"] == ["seed_0/report.md", "seed_1/report.md", "seed_2/report.md"]
     assert report["mean"]["neds_multi"]["wheel_r2"] == pytest.approx(0.61)
     assert report["data"] == "/d" and report["heldout_sessions"] == [A, B]
+    assert report["latent_variance"] == {A: {"choice": 0.003}}  # data, not training: the same in every seed
     assert report["model_notes"]["neds_multi"] and "neds_streaming" not in report["models"]
     checks = {c["name"]: c for c in report["checks"]}
     per_seed = report["check_seeds"]

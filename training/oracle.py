@@ -5,6 +5,8 @@
 - Decoding ceiling: the same linear decoders as the baselines (:mod:`training.baselines`), fed the true
   latent trajectories instead of spikes (optionally with their pairwise products, for behaviour that is a
   nonlinear function of the latents, such as wheel speed = |velocity|).
+- What the spikes carry: the share of the population's log-rate variance that each latent drives
+  (:func:`latent_variance_shares`), which says how weak a behaviour's signal in the spikes is.
 
 Everything takes arrays, so it is testable without the simulator; :func:`true_rates_for` is the glue to
 ``streams.ground_truth``.
@@ -121,6 +123,31 @@ def _ceiling_fit(
     )
 
 
+def latent_variance_shares(
+    latents: np.ndarray, loadings: np.ndarray, names: Sequence[str]
+) -> dict[str, float]:
+    """Share of the population's log-rate variance that each latent carries, over every bin of the trials.
+
+    ``latents`` (K, T, L) per-bin latent values, ``loadings`` (N, L): unit ``n``'s log-rate is ``loadings[n]
+    . z`` plus a constant. The share of latent ``j`` is ``sum_n loadings[n, j]**2 var(z_j)`` over ``sum_n
+    var(loadings[n] . z)``, the variances taken over all K * T bins. Covariances between latents belong to
+    no single latent, so the shares need not sum to 1. It tells how much of the spiking a behaviour's latent
+    drives: a small share is a signal that a decoder has to pool over many neurons and bins to find.
+    """
+    z = _expand(latents, quadratic=False)  # (K, T, L) checked
+    w = np.asarray(loadings, dtype=np.float64)
+    if w.ndim != 2 or w.shape[1] != z.shape[2]:
+        raise invalid("loadings", f"must be (N, L) with L = {z.shape[2]} latents", w.shape, kind=DataError)
+    if len(names) != z.shape[2]:
+        raise invalid("names", f"must name the {z.shape[2]} latents", len(names), kind=DataError)
+    cov = np.atleast_2d(np.cov(z.reshape(-1, z.shape[2]), rowvar=False))  # (L, L) over all bins
+    total = float(np.einsum("nl,lm,nm->", w, cov, w))  # sum over units of each unit's log-rate variance
+    if not (math.isfinite(total) and total > 0):
+        raise invalid("latents and loadings", "give the units no log-rate variance", total, kind=DataError)
+    own = np.diag(cov) * (w**2).sum(axis=0)  # (L,) each latent's part, without cross terms
+    return {str(name): float(v / total) for name, v in zip(names, own, strict=True)}
+
+
 def chance_levels(arrays: TrialArrays) -> dict[str, float]:
     """Chance of every metric on TEST: 0 for R² and bits/spike; majority rate and 1 / n_classes present."""
     te = _test_rows(arrays.split, arrays.spikes.shape[0])
@@ -208,3 +235,14 @@ def true_loadings_for(arrays: TrialArrays, root: str | Path) -> np.ndarray:
 
     gt = load_ground_truth(Path(root), arrays.eid, arrays.probe)
     return np.asarray(gt.loadings[_ground_truth_columns(arrays, gt.cluster_ids)], dtype=np.float64)
+
+
+def latent_shares_for(arrays: TrialArrays, root: str | Path) -> dict[str, float]:
+    """:func:`latent_variance_shares` of ``arrays``' units over its trial windows, from the simulator's truth
+    (latent name -> share)."""
+    from streams.ground_truth import load_ground_truth
+
+    gt = load_ground_truth(Path(root), arrays.eid, arrays.probe)
+    latents = gt.latents_at(arrays.window_start, arrays.n_bins, arrays.bin_size)  # (K, T, L)
+    return latent_variance_shares(latents, gt.loadings[_ground_truth_columns(arrays, gt.cluster_ids)],
+                                  gt.latent_names)
