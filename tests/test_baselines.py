@@ -349,8 +349,9 @@ def test_latent_variance_shares_known_answers() -> None:
     two = np.stack([a, b], axis=-1).reshape(4, 2, 2)  # (K, T, L)
     # unit 0 reads a (log-rate variance 1), unit 1 reads b (variance 4): 1 / 5 and 4 / 5 of the total
     assert latent_variance_shares(two, np.eye(2), ("a", "b")) == pytest.approx({"a": 0.2, "b": 0.8})
+    # scaling every loading scales every variance alike: the shares stay
     assert latent_variance_shares(two, 3 * np.eye(2), ("a", "b")) == pytest.approx({"a": 0.2, "b": 0.8})
-    # unit 1 reads b at weight 2 (log-rate variance 16): a's share falls to 1 / 17; scaling all is a no-op
+    # unit 1 reads b at weight 2 (log-rate variance 16): a's share falls to 1 / 17
     assert latent_variance_shares(two, np.array([[1.0, 0.0], [0.0, 2.0]]), ("a", "b")) == pytest.approx(
         {"a": 1 / 17, "b": 16 / 17})
     # two copies of one latent: the unit's variance is 4, each copy's own part 1; the covariance is in neither
