@@ -206,6 +206,18 @@ def streaming_gap(results: Rows, mean: Mapping[str, Mapping[str, float | None]],
     }
 
 
+def model_notes(models: Sequence[str], config: Mapping[str, Any] | None,
+                earlier: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Each model's note: :data:`MODEL_NOTES`, else ``earlier``'s (a report's own rows). The run's
+    ``config`` (a ``QualityConfig`` as a dict) adds what it changed, e.g. a frozen start of ``neds_multi``."""
+    notes = {m: MODEL_NOTES.get(m) or (earlier or {}).get(m) or "" for m in models}
+    frozen = int((config or {}).get("frozen_epochs") or 0)
+    if frozen and HEADLINE in notes:
+        notes[HEADLINE] += (f"; frozen start: the held-out session's own layers trained alone for the first "
+                            f"{frozen} epochs (--frozen-epochs {frozen})")
+    return notes
+
+
 def assemble(
     results: Rows,
     *,
@@ -228,7 +240,7 @@ def assemble(
     report: dict[str, Any] = dict(extra or {})
     report.update({
         "metrics": list(METRICS), "tasks": dict(TASKS), "models": model_order(full),
-        "model_notes": {m: MODEL_NOTES.get(m) or (notes or {}).get(m) or "" for m in model_order(full)},
+        "model_notes": model_notes(model_order(full), report.get("config"), notes),
         "sessions_evaluated": sorted(full), "results": full, "mean": mean,
         "ceilings": ceil, "chances": ch, "fraction_of_ceiling": fr, "fraction_of_ceiling_mean":
         session_means(fr) if fr else {}, "regions": dict(regions or {}),

@@ -24,6 +24,7 @@ from bench.quality_report import (
     fraction,
     gap_table,
     markdown,
+    model_notes,
     summary_table,
     trial_comparisons,
     write_report,
@@ -85,6 +86,20 @@ def test_assemble_fills_every_model_metric_session_and_averages() -> None:
     assert rep["mean"]["rrr"]["bits_per_spike"] == pytest.approx(0.10)  # mean over sessions that have it
     assert rep["note"] == "x"
     json.dumps(rep, allow_nan=False)  # JSON-ready, no NaN
+
+
+def test_model_notes_name_a_frozen_start_of_the_fine_tuning() -> None:
+    assert _report()["model_notes"]["neds_multi"] == MODEL_NOTES["neds_multi"]  # no config: as shipped
+    for frozen in (0, None):
+        notes = model_notes(["neds_multi"], {"frozen_epochs": frozen})
+        assert notes == {"neds_multi": MODEL_NOTES["neds_multi"]}
+    rep = assemble(_results(), extra={"config": {"frozen_epochs": 20}})
+    assert rep["model_notes"]["neds_multi"].startswith(MODEL_NOTES["neds_multi"])
+    assert rep["model_notes"]["neds_multi"].endswith("for the first 20 epochs (--frozen-epochs 20)")
+    assert rep["model_notes"]["neds_single"] == MODEL_NOTES["neds_single"]  # only the fine-tuned row
+    rep = add_model_rows(rep, "neds_streaming", {}, note="s")  # a row added later keeps the config's note
+    assert rep["model_notes"]["neds_multi"].endswith("(--frozen-epochs 20)")
+    assert model_notes(["neds_x"], None, {"neds_x": "kept"}) == {"neds_x": "kept"}  # a report's own row
 
 
 def test_fraction_of_ceiling() -> None:
