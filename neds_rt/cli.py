@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from neds_rt.errors import NedsRtError, invalid
-from training.config import FINETUNE_UNIT_DROPOUT, SPIKE_WEIGHT
+from training.config import FINETUNE_UNIT_DROPOUT, MAX_UNIT_DROPOUT, SPIKE_WEIGHT
 
 app = typer.Typer(
     name="neds-rt",
@@ -92,9 +92,9 @@ def train(
         help="Weight of the spike loss (Poisson NLL per neuron and bin) against the behaviour losses.")
     ] = SPIKE_WEIGHT,
     unit_dropout: Annotated[float | None, typer.Option(
-        min=0.0, max=0.95, help="Share of units zeroed in each training trial's spike input (the loss still "
-        f"scores every unit), against memorising a session's trials. Default {FINETUNE_UNIT_DROPOUT} with "
-        "--finetune-from, else 0.")] = None,
+        min=0.0, max=MAX_UNIT_DROPOUT, help="Share of units zeroed in each training trial's spike input (the "
+        f"loss still scores every unit), against memorising a session's trials. Default "
+        f"{FINETUNE_UNIT_DROPOUT} with --finetune-from, else 0.")] = None,
     frozen_epochs: Annotated[int, typer.Option(
         min=0, help="With --finetune-from: epochs at the start that train the sessions' own layers alone "
         "(stitching, embedding, heads), the shared layers kept as pretrained; then every layer trains.")] = 0,

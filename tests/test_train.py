@@ -17,7 +17,7 @@ from neds_rt.errors import ConfigError, DataError, ModelFileError
 from training import train as train_mod
 from training.arrays import TEST, TRAIN, VAL, Normalisation, TrialArrays
 from training.checkpoint import load_checkpoint, read_checkpoint
-from training.config import FINETUNE_UNIT_DROPOUT, NEDSConfig, TrainConfig
+from training.config import FINETUNE_UNIT_DROPOUT, MAX_UNIT_DROPOUT, NEDSConfig, TrainConfig
 from training.loader import check_splits, make_batch, plan_epoch
 from training.masking import eval_mask, target_variance
 from training.train import build_model, finished_run, lr_at, masked_eval_loss, train
@@ -378,8 +378,10 @@ def test_unit_dropout_hides_units_from_the_input_but_the_loss_scores_their_true_
     for x, y in zip(seen, scored, strict=True):
         assert torch.allclose(x, y / (1.0 - FINETUNE_UNIT_DROPOUT) * (x > 0))
     assert any(((x.sum(dim=1) == 0) & (y.sum(dim=1) > 0)).any() for x, y in zip(seen, scored, strict=True))
-    with pytest.raises(ConfigError, match=r"TrainConfig\.unit_dropout"):
-        TrainConfig(unit_dropout=1.0)
+    for bad in (1.0, 0.96, -0.1):  # the CLI's --unit-dropout bounds, MAX_UNIT_DROPOUT
+        with pytest.raises(ConfigError, match=r"TrainConfig\.unit_dropout: must be in \[0, 0\.95\]"):
+            TrainConfig(unit_dropout=bad)
+    assert TrainConfig(unit_dropout=MAX_UNIT_DROPOUT).unit_dropout == 0.95
 
 
 def test_frozen_start_trains_the_session_layers_alone_then_every_layer(

@@ -13,6 +13,7 @@ PRESETS: Final = ("tiny", "small", "default")
 SCHEMES: Final = ("encoding", "decoding", "within", "cross")  # training.masking.Scheme, lower case
 SPIKE_WEIGHT: Final = 100.0  # TrainConfig.spike_weight
 FINETUNE_UNIT_DROPOUT: Final = 0.3  # TrainConfig.unit_dropout when fine-tuning (None: chosen by the run)
+MAX_UNIT_DROPOUT: Final = 0.95  # the highest TrainConfig.unit_dropout (and neds-rt train --unit-dropout)
 
 # Depth by number of pretraining sessions. The paper keeps 5 layers for small multi-session runs (up to 10
 # sessions) and uses deeper models for the full multi-animal pretraining; the larger steps are ours.
@@ -183,9 +184,9 @@ class TrainConfig:
         if self.max_steps < 0:
             raise invalid("TrainConfig.max_steps", "must be >= 0 (0: no limit)", self.max_steps,
                           kind=ConfigError)
-        if self.unit_dropout is not None and not 0.0 <= self.unit_dropout < 1.0:
-            raise invalid("TrainConfig.unit_dropout", "must be in [0, 1)", self.unit_dropout,
-                          "use 0 to switch it off", kind=ConfigError)
+        if self.unit_dropout is not None and not 0.0 <= self.unit_dropout <= MAX_UNIT_DROPOUT:
+            raise invalid("TrainConfig.unit_dropout", f"must be in [0, {MAX_UNIT_DROPOUT}]",
+                          self.unit_dropout, "use 0 to switch it off", kind=ConfigError)
         if not isinstance(self.frozen_epochs, int) or self.frozen_epochs < 0:
             raise invalid("TrainConfig.frozen_epochs", "must be an integer >= 0", self.frozen_epochs,
                           "use 0 to train every layer from the first step", kind=ConfigError)
