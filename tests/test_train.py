@@ -378,7 +378,7 @@ def test_unit_dropout_hides_units_from_the_input_but_the_loss_scores_their_true_
     for x, y in zip(seen, scored, strict=True):
         assert torch.allclose(x, y / (1.0 - FINETUNE_UNIT_DROPOUT) * (x > 0))
     assert any(((x.sum(dim=1) == 0) & (y.sum(dim=1) > 0)).any() for x, y in zip(seen, scored, strict=True))
-    for bad in (1.0, 0.96, -0.1):  # the CLI's --unit-dropout bounds, MAX_UNIT_DROPOUT
+    for bad in (1.0, 0.96, -0.1):  # outside [0, MAX_UNIT_DROPOUT], the bounds the CLI's --unit-dropout shares
         with pytest.raises(ConfigError, match=r"TrainConfig\.unit_dropout: must be in \[0, 0\.95\]"):
             TrainConfig(unit_dropout=bad)
     assert TrainConfig(unit_dropout=MAX_UNIT_DROPOUT).unit_dropout == 0.95
