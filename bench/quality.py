@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
@@ -52,6 +52,13 @@ log = logging.getLogger(__name__)
 
 _PRESETS = ("tiny", "small", "default")
 _NOISE_LATENTS = ("noise_fast", "noise_mid", "noise_slow")  # the simulator's latents no behaviour reveals
+# the single-session NEDS trained on each held-out session: name -> (tasks scored, masking schemes drawn;
+# None: every scheme)
+VARIANTS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]]] = {
+    "neds_encoding": (("encoding",), ("encoding",)),
+    "neds_decoding": (("decoding",), ("decoding",)),
+    "neds_single": (("encoding", "decoding"), None),
+}
 
 
 @dataclass
@@ -90,10 +97,12 @@ class QualityConfig:
     # the multi-session NEDS's fine-tuning trains the held-out session's own layers alone for this many epochs
     # first (TrainConfig.frozen_epochs; the README, "A frozen start for fine-tuning")
     frozen_epochs: int = 0
+    # training runs at once, each in its own process (bench.quality_jobs); 1 trains them one after another
+    jobs: int = 1
 
     def __post_init__(self) -> None:
         counts = ("n_pretrain", "n_heldout", "epochs", "pretrain_epochs", "finetune_epochs", "batch_size",
-                  "threads", "region_folds", "seeds")
+                  "threads", "region_folds", "seeds", "jobs")
         for name, lowest in [(name, 1) for name in counts] + [("frozen_epochs", 0)]:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
@@ -101,6 +110,12 @@ class QualityConfig:
                               kind=ConfigError)
         if self.preset not in _PRESETS:
             raise invalid("QualityConfig.preset", f"must be one of {_PRESETS}", self.preset, kind=ConfigError)
+
+    @property
+    def reuses_runs(self) -> bool:
+        """Whether a finished training run under ``OUT/models`` is loaded rather than trained again: with
+        ``resume``, and with ``jobs`` > 1, where every run was trained ahead (:mod:`bench.quality_jobs`)."""
+        return self.resume or self.jobs > 1
 
     @classmethod
     def quick(cls, **overrides: Any) -> QualityConfig:
@@ -162,7 +177,29 @@ def _train_neds(arrays: Mapping[str, TrialArrays], out: Path, cfg: QualityConfig
                        device=cfg.device, schemes=schemes or SCHEMES,
                        frozen_epochs=cfg.frozen_epochs if finetune_from else 0)
     model_cfg = None if finetune_from else NEDSConfig.preset(cfg.preset, n_sessions=len(arrays))
-    return train_or_reuse(arrays, out, model_cfg, tcfg, finetune_from=finetune_from, resume=cfg.resume)
+    return train_or_reuse(arrays, out, model_cfg, tcfg, finetune_from=finetune_from, resume=cfg.reuses_runs)
+
+
+def pretrain_dir(out: Path) -> Path:
+    """Folder of the multi-session pretraining run."""
+    return Path(out) / "models" / "pretrain"
+
+
+def train_pretraining(arrays: Mapping[str, TrialArrays], out: Path, cfg: QualityConfig) -> NEDS:
+    """The multi-session NEDS pretrained on the sessions ``arrays`` (the pretraining sessions)."""
+    return _train_neds(arrays, pretrain_dir(out), cfg, cfg.pretrain_epochs)
+
+
+def train_variant(arr: TrialArrays, out: Path, cfg: QualityConfig, name: str) -> NEDS:
+    """The single-session NEDS ``name`` (a key of :data:`VARIANTS`) of the held-out session ``arr``."""
+    return _train_neds({arr.eid: arr}, Path(out) / "models" / arr.eid / name, cfg, cfg.epochs,
+                       schemes=VARIANTS[name][1])
+
+
+def train_multi(arr: TrialArrays, out: Path, cfg: QualityConfig) -> NEDS:
+    """The pretrained NEDS fine-tuned on the held-out session ``arr``."""
+    return _train_neds({arr.eid: arr}, Path(out) / "models" / arr.eid / "neds_multi", cfg,
+                       cfg.finetune_epochs, finetune_from=pretrain_dir(out) / "best.pt")
 
 
 def train_or_reuse(arrays: Mapping[str, TrialArrays], out: Path, model_cfg: NEDSConfig | None,
@@ -320,12 +357,19 @@ def run_quality(data: Path | str, out: Path | str, cfg: QualityConfig | None = N
 
 
 def _run_seed(data: Path, out: Path, cfg: QualityConfig, command: str) -> SeedRun:
-    """The whole comparison at training seed ``cfg.seed``, streaming NEDS included."""
+    """The whole comparison at training seed ``cfg.seed``, streaming NEDS included. With ``jobs`` > 1 the
+    training runs are trained first, several at once, and the comparison then loads them."""
+    ahead: dict[str, float] = {}
+    if cfg.jobs > 1:
+        from bench.quality_jobs import train_ahead
+
+        ahead = train_ahead(data, out, cfg)
     report, helds, region_data = _run(data, out, cfg, command)
     if cfg.streaming:
         from bench.quality_streaming import add_streaming
 
         report = add_streaming(report, data, out, cfg)
+    report["timing"].update({f"trained_ahead_{name}": s for name, s in ahead.items()})
     return SeedRun(cfg.seed, report, helds, region_data)
 
 
@@ -367,8 +411,7 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str
     arrays = {e: load_arrays(one, e, cache_root=out / "array_cache")[0] for e in (*pre, *heldout)}
     timing["data_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pretrained_dir = out / "models" / "pretrain"
-    pretrained = _train_neds({e: arrays[e] for e in pre}, pretrained_dir, cfg, cfg.pretrain_epochs)
+    pretrained = train_pretraining({e: arrays[e] for e in pre}, out, cfg)
     timing["pretrain_s"] = time.perf_counter() - t0
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     ceilings: dict[str, dict[str, float | None]] = {}
@@ -390,22 +433,15 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str
             except DataError as err:
                 log.warning("session %s: no latent variance shares (%s)", eid, err)
         timing[f"baselines_{eid}_s"] = time.perf_counter() - t0
-        models_dir = out / "models" / eid
-        variants: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]] = {
-            "neds_encoding": (("encoding",), ("encoding",)),
-            "neds_decoding": (("decoding",), ("decoding",)),
-            "neds_single": (("encoding", "decoding"), None),
-        }
-        for name, (tasks, schemes) in variants.items():
+        for name, (tasks, _) in VARIANTS.items():
             t0 = time.perf_counter()
-            model = _train_neds({eid: arr}, models_dir / name, cfg, cfg.epochs, schemes=schemes)
+            model = train_variant(arr, out, cfg, name)
             pred = neds_predict(model, arr, held.test)
             rows[name] = neds_metrics(pred, arr, held.test, tasks)
             _keep_preds(held, name, pred)
             timing[f"{name}_{eid}_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        model = _train_neds({eid: arr}, models_dir / "neds_multi", cfg, cfg.finetune_epochs,
-                            finetune_from=pretrained_dir / "best.pt")
+        model = train_multi(arr, out, cfg)
         finetuned[eid] = model
         pred = neds_predict(model, arr, held.test)
         rows["neds_multi"] = neds_metrics(pred, arr, held.test)

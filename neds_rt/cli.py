@@ -456,6 +456,9 @@ def bench_quality(
         min=1, help="Training seeds (SEED, SEED+1, ...): N > 1 runs the comparison once per seed into "
         "OUT/seed_S and judges the checks on the seed means.")] = 1,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+    jobs: Annotated[int, typer.Option(
+        min=1, help="Training runs at once, each in its own process with --threads torch threads (for a "
+        "many-core host or a GPU); the report is the same, only sooner.")] = 1,
     streaming: Annotated[bool, typer.Option(
         "--streaming/--no-streaming",
         help="Also train a streaming NEDS per held-out session and score its causal decodes.")] = True,
@@ -482,8 +485,8 @@ def bench_quality(
 
     fields: dict[str, Any] = {k: v for k, v in dict(n_pretrain=pretrain, n_heldout=heldout, preset=preset)
                               .items() if v is not None}
-    fields |= dict(seed=seed, seeds=seeds, threads=threads, streaming=streaming, int8=int8, int4=int4,
-                   resume=resume, frozen_epochs=frozen_epochs)
+    fields |= dict(seed=seed, seeds=seeds, threads=threads, jobs=jobs, streaming=streaming, int8=int8,
+                   int4=int4, resume=resume, frozen_epochs=frozen_epochs)
     if epochs is not None:
         fields |= dict(epochs=epochs, pretrain_epochs=epochs, finetune_epochs=epochs)
     try:

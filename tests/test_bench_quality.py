@@ -513,3 +513,17 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     other = CliRunner().invoke(app, ["bench", "quality", "--data", str(data), "--out", str(out), "--pretrain",
                                      "2", "--heldout", "1", "--preset", "tiny", "--epochs", "2", "--resume"])
     assert other.exit_code != 0 and "train_config: epochs=1 (now 2)" in other.output
+
+    # --jobs 2: every run trained first, two at a time in worker processes, then loaded: the same report
+    par = tmp_path / "out_jobs"
+    res = CliRunner().invoke(app, ["bench", "quality", "--data", str(data), "--out", str(par), "--pretrain",
+                                   "2", "--heldout", "1", "--preset", "tiny", "--epochs", "1", "--jobs", "2"])
+    assert res.exit_code == 0, res.output
+    rep3 = json.loads((par / "report.json").read_text())
+    assert rep3["config"]["jobs"] == 2 and rep3["models"] == expected
+    assert rep3["results"] == rep["results"] and rep3["check_intervals"] == rep["check_intervals"]
+    assert rep3["regions"] == rep["regions"] and rep3["streaming"] == rep["streaming"]
+    runs_ahead = {"pretrain", *(f"{name}_{eid}" for name in ("neds_encoding", "neds_decoding", "neds_single",
+                                                             "neds_multi", "neds_streaming"))}
+    assert {k for k in rep3["timing"] if k.startswith("trained_ahead_")} == {
+        *(f"trained_ahead_{name}_s" for name in runs_ahead), "trained_ahead_wall_s"}

@@ -1,0 +1,145 @@
+"""``neds-rt bench quality --jobs N``: the comparison's training runs, N at once in worker processes.
+
+A comparison trains, per training seed, one pretraining run and, for each held-out session, the
+encoding-only, decoding-only and single-session NEDS, the fine-tuning of the pretrained NEDS and (with
+``--streaming``) the streaming NEDS. Only the fine-tunings wait for another run, the pretraining; the rest
+stand alone. With ``jobs`` > 1 they are all trained first, at most ``jobs`` at a time, each in its own
+spawned process with ``threads`` torch threads on ``device``, into the folders the sequential comparison
+uses. The comparison then runs as usual and loads every finished run (as ``--resume`` does).
+
+A run is the same computation in a worker as in the comparison's own process: it seeds its own generators,
+and the worker runs it with the same code, data and thread count. So the report is the one ``jobs=1`` gives,
+to the digit, and only the run time changes. The pretraining starts first and a fine-tuning starts as soon
+as the pretraining has ended, ahead of any run still waiting: the pretraining and the fine-tunings after it
+are the longest chain, and the wall time is at least theirs.
+
+If a run fails, no other run starts; the runs under way finish (their results stay under ``OUT/models`` for
+``--resume``) and the first error is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Final
+
+from bench.quality import (
+    VARIANTS,
+    QualityConfig,
+    prepare_sessions,
+    train_multi,
+    train_pretraining,
+    train_variant,
+)
+from bench.quality_streaming import MODEL as STREAMING
+from bench.quality_streaming import train_streaming
+
+log = logging.getLogger(__name__)
+
+PRETRAIN: Final = "pretrain"
+MULTI: Final = "neds_multi"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run: ``kind`` is ``pretrain``, a key of :data:`bench.quality.VARIANTS`, ``neds_multi``
+    or ``neds_streaming``; ``eid`` the held-out session (None for the pretraining)."""
+
+    kind: str
+    eid: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The run's name in the report's timing, as the sequential run names its own steps."""
+        return self.kind if self.eid is None else f"{self.kind}_{self.eid}"
+
+    @property
+    def after(self) -> str | None:
+        """The run that must end before this one starts."""
+        return PRETRAIN if self.kind == MULTI else None
+
+
+def plan_jobs(cfg: QualityConfig, heldout: list[str]) -> list[Job]:
+    """Every training run of one seed's comparison, the pretraining first."""
+    jobs = [Job(PRETRAIN)]
+    for eid in heldout:
+        jobs += [Job(name, eid) for name in VARIANTS] + [Job(MULTI, eid)]
+        if cfg.streaming:
+            jobs.append(Job(STREAMING, eid))
+    return jobs
+
+
+def train_ahead(data: Path | str, out: Path | str, cfg: QualityConfig) -> dict[str, float]:
+    """Train every run of the comparison at ``cfg.seed`` into ``out/models``, ``cfg.jobs`` at a time; return
+    each run's seconds (``<name>_s``) and the wall time of them all (``wall_s``)."""
+    from streams.load import open_one
+    from training.cache import load_arrays
+
+    data, out = Path(data), Path(out)
+    pre, heldout = prepare_sessions(data, cfg)
+    one = open_one(data)
+    for eid in (*pre, *heldout):  # built and cached once here, so the workers only read the cache
+        load_arrays(one, eid, cache_root=out / "array_cache")
+    waiting = plan_jobs(cfg, heldout)
+    seconds: dict[str, float] = {}
+    ended: set[str] = set()  # names of the runs that ended, for the runs that wait on them
+    running: dict[Future[float], Job] = {}
+    error: BaseException | None = None
+    level = logging.getLogger().getEffectiveLevel()
+    t0 = time.perf_counter()
+    log.info("training %s runs, %s at once", len(waiting), cfg.jobs)
+    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while waiting or running:
+            ready = [j for j in waiting if j.after is None or j.after in ended]
+            ready.sort(key=lambda j: j.after is None)  # a run that waited (a fine-tuning) goes first
+            while error is None and ready and len(running) < cfg.jobs:
+                job = ready.pop(0)
+                waiting.remove(job)
+                running[pool.submit(_work, str(data), str(out), cfg, pre, job, level)] = job
+            if not running:  # nothing under way and nothing may start: a run failed
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                try:
+                    seconds[f"{job.name}_s"] = future.result()
+                    ended.add(job.name)
+                    log.info("run %s trained (%.0f s)", job.name, seconds[f"{job.name}_s"])
+                except BaseException as err:  # re-raised below, once the runs under way have ended
+                    error = error or err
+                    log.error("run %s failed: %s; waiting for the %s runs under way", job.name, err,
+                              len(running))
+    if error is not None:
+        raise error
+    seconds["wall_s"] = time.perf_counter() - t0
+    return seconds
+
+
+def _work(data: str, out: str, cfg: QualityConfig, pre: list[str], job: Job, level: int) -> float:
+    """In a worker: train ``job`` as the sequential comparison would, and return its seconds."""
+    import torch
+
+    from streams.load import open_one
+    from training.cache import load_arrays
+
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s [{job.name}] %(name)s: %(message)s",
+                        force=True)  # a worker process trains several runs: each names its own
+    torch.set_num_threads(cfg.threads)
+    cfg = replace(cfg, jobs=1)  # in here, the run itself: trained afresh unless --resume
+    t0 = time.perf_counter()
+    one, root = open_one(Path(data)), Path(out) / "array_cache"
+    if job.kind == PRETRAIN:
+        train_pretraining({e: load_arrays(one, e, cache_root=root)[0] for e in pre}, Path(out), cfg)
+        return time.perf_counter() - t0
+    arr, cont = load_arrays(one, str(job.eid), cache_root=root)
+    if job.kind == MULTI:
+        train_multi(arr, Path(out), cfg)
+    elif job.kind == STREAMING:
+        train_streaming(arr, cont, Path(out) / "models" / arr.eid / STREAMING, cfg)
+    else:
+        train_variant(arr, Path(out), cfg, job.kind)
+    return time.perf_counter() - t0
