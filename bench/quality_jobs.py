@@ -8,8 +8,9 @@ spawned process with ``threads`` torch threads on ``device``, into the folders t
 uses. The comparison then runs as usual and loads every finished run (as ``--resume`` does).
 
 A run is the same computation in a worker as in the comparison's own process: it seeds its own generators,
-and the worker runs it with the same code, data and thread count. So the report is the one ``jobs=1`` gives,
-to the digit, and only the run time changes. The pretraining starts first and a fine-tuning starts as soon
+and the worker runs it with the same code, data and thread count. So the report is the one ``jobs=1`` gives
+(to the digit on the CPU, where the two were compared; CUDA kernels need not repeat a run bit for bit even
+in one process), and only the run time changes. The pretraining starts first and a fine-tuning starts as soon
 as the pretraining has ended, ahead of any run still waiting: the pretraining and the fine-tunings after it
 are the longest chain, and the wall time is at least theirs.
 
