@@ -185,6 +185,16 @@ def pretrain_dir(out: Path) -> Path:
     return Path(out) / "models" / "pretrain"
 
 
+def array_cache_dir(out: Path) -> Path:
+    """Where the comparison caches the sessions' arrays (built once, read by every run)."""
+    return Path(out) / "array_cache"
+
+
+def run_dir(out: Path, eid: str, name: str) -> Path:
+    """Folder of the held-out session ``eid``'s run (or file) ``name``, e.g. ``neds_single``."""
+    return Path(out) / "models" / eid / name
+
+
 def train_pretraining(arrays: Mapping[str, TrialArrays], out: Path, cfg: QualityConfig) -> NEDS:
     """The multi-session NEDS pretrained on the sessions ``arrays`` (the pretraining sessions)."""
     return _train_neds(arrays, pretrain_dir(out), cfg, cfg.pretrain_epochs)
@@ -192,14 +202,14 @@ def train_pretraining(arrays: Mapping[str, TrialArrays], out: Path, cfg: Quality
 
 def train_variant(arr: TrialArrays, out: Path, cfg: QualityConfig, name: str) -> NEDS:
     """The single-session NEDS ``name`` (a key of :data:`VARIANTS`) of the held-out session ``arr``."""
-    return _train_neds({arr.eid: arr}, Path(out) / "models" / arr.eid / name, cfg, cfg.epochs,
+    return _train_neds({arr.eid: arr}, run_dir(out, arr.eid, name), cfg, cfg.epochs,
                        schemes=VARIANTS[name][1])
 
 
 def train_multi(arr: TrialArrays, out: Path, cfg: QualityConfig) -> NEDS:
     """The pretrained NEDS fine-tuned on the held-out session ``arr``."""
-    return _train_neds({arr.eid: arr}, Path(out) / "models" / arr.eid / "neds_multi", cfg,
-                       cfg.finetune_epochs, finetune_from=pretrain_dir(out) / "best.pt")
+    return _train_neds({arr.eid: arr}, run_dir(out, arr.eid, "neds_multi"), cfg, cfg.finetune_epochs,
+                       finetune_from=pretrain_dir(out) / "best.pt")
 
 
 def train_or_reuse(arrays: Mapping[str, TrialArrays], out: Path, model_cfg: NEDSConfig | None,
@@ -408,7 +418,7 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str
     t0 = time.perf_counter()
     pre, heldout = prepare_sessions(data, cfg)
     one = open_one(data)
-    arrays = {e: load_arrays(one, e, cache_root=out / "array_cache")[0] for e in (*pre, *heldout)}
+    arrays = {e: load_arrays(one, e, cache_root=array_cache_dir(out))[0] for e in (*pre, *heldout)}
     timing["data_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     pretrained = train_pretraining({e: arrays[e] for e in pre}, out, cfg)

@@ -31,7 +31,9 @@ from typing import Final
 from bench.quality import (
     VARIANTS,
     QualityConfig,
+    array_cache_dir,
     prepare_sessions,
+    run_dir,
     train_multi,
     train_pretraining,
     train_variant,
@@ -84,7 +86,7 @@ def train_ahead(data: Path | str, out: Path | str, cfg: QualityConfig) -> dict[s
     pre, heldout = prepare_sessions(data, cfg)
     one = open_one(data)
     for eid in (*pre, *heldout):  # built and cached once here, so the workers only read the cache
-        load_arrays(one, eid, cache_root=out / "array_cache")
+        load_arrays(one, eid, cache_root=array_cache_dir(out))
     waiting = plan_jobs(cfg, heldout)
     seconds: dict[str, float] = {}
     ended: set[str] = set()  # names of the runs that ended, for the runs that wait on them
@@ -132,7 +134,7 @@ def _work(data: str, out: str, cfg: QualityConfig, pre: list[str], job: Job, lev
     torch.set_num_threads(cfg.threads)
     cfg = replace(cfg, jobs=1)  # in here, the run itself: trained afresh unless --resume
     t0 = time.perf_counter()
-    one, root = open_one(Path(data)), Path(out) / "array_cache"
+    one, root = open_one(Path(data)), array_cache_dir(Path(out))
     if job.kind == PRETRAIN:
         train_pretraining({e: load_arrays(one, e, cache_root=root)[0] for e in pre}, Path(out), cfg)
         return time.perf_counter() - t0
@@ -140,7 +142,7 @@ def _work(data: str, out: str, cfg: QualityConfig, pre: list[str], job: Job, lev
     if job.kind == MULTI:
         train_multi(arr, Path(out), cfg)
     elif job.kind == STREAMING:
-        train_streaming(arr, cont, Path(out) / "models" / arr.eid / STREAMING, cfg)
+        train_streaming(arr, cont, run_dir(Path(out), arr.eid, STREAMING), cfg)
     else:
         train_variant(arr, Path(out), cfg, job.kind)
     return time.perf_counter() - t0

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from bench.quality import QualityConfig, add_streaming_rows, neds_metrics, train_or_reuse
+from bench.quality import (
+    QualityConfig,
+    add_streaming_rows,
+    array_cache_dir,
+    neds_metrics,
+    run_dir,
+    train_or_reuse,
+)
 from bench.quality_report import add_model_rows
 from neds_rt.errors import DataError, invalid
 
@@ -231,8 +238,8 @@ def add_streaming(report: dict[str, Any], data: Path, out: Path, cfg: QualityCon
     details: dict[str, Any] = {}
     for eid in report["heldout_sessions"]:
         t0 = time.perf_counter()
-        arr, cont = load_arrays(one, eid, cache_root=out / "array_cache")
-        model, info = train_streaming(arr, cont, out / "models" / eid / MODEL, cfg)
+        arr, cont = load_arrays(one, eid, cache_root=array_cache_dir(out))
+        model, info = train_streaming(arr, cont, run_dir(out, eid, MODEL), cfg)
         test = arr.subset(TEST)
         rows[eid], extra = score_streaming(model, arr, cont, test)
         details[eid] = {**info, "test_trials": int(test.size), "context_bins": model.cfg.n_bins,
@@ -244,7 +251,7 @@ def add_streaming(report: dict[str, Any], data: Path, out: Path, cfg: QualityCon
             t0 = time.perf_counter()
             name = QUANTIZED_MODELS[scheme]
             quant_rows[scheme][eid], q = score_quantized(model, arr, cont, test, extra["decodes"],
-                                                         out / "models" / eid / f"{name}.onnx", scheme)
+                                                         run_dir(out, eid, f"{name}.onnx"), scheme)
             details[eid][scheme] = {k: v for k, v in q.items() if k != "decodes"}
             report["timing"][f"{name}_{eid}_s"] = time.perf_counter() - t0
     budget = (f"as many optimiser steps of {cfg.batch_size} continuous windows (a trial window long) as "
