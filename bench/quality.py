@@ -99,6 +99,10 @@ class QualityConfig:
     frozen_epochs: int = 0
     # training runs at once, each in its own process (bench.quality_jobs); 1 trains them one after another
     jobs: int = 1
+    # every training run also saves its last.pt this often inside an epoch (TrainConfig.checkpoint_minutes):
+    # with --resume, a run cut short loses at most this much (a full-size pretraining epoch takes ~50 min on
+    # a 2-core CPU)
+    checkpoint_minutes: float = 10.0
 
     def __post_init__(self) -> None:
         counts = ("n_pretrain", "n_heldout", "epochs", "pretrain_epochs", "finetune_epochs", "batch_size",
@@ -175,6 +179,7 @@ def _train_neds(arrays: Mapping[str, TrialArrays], out: Path, cfg: QualityConfig
 
     tcfg = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, progress=False,
                        device=cfg.device, schemes=schemes or SCHEMES,
+                       checkpoint_minutes=cfg.checkpoint_minutes,
                        frozen_epochs=cfg.frozen_epochs if finetune_from else 0)
     model_cfg = None if finetune_from else NEDSConfig.preset(cfg.preset, n_sessions=len(arrays))
     return train_or_reuse(arrays, out, model_cfg, tcfg, finetune_from=finetune_from, resume=cfg.reuses_runs)

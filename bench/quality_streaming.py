@@ -214,7 +214,7 @@ def train_streaming(arr: TrialArrays, cont: ContinuousArrays, out: Path, cfg: Qu
     steps = offline_steps(arr, cfg)
     epochs = math.ceil(steps / math.ceil(n_train / cfg.batch_size))
     tcfg = TrainConfig(epochs=epochs, max_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-                       progress=False, device=cfg.device)
+                       progress=False, device=cfg.device, checkpoint_minutes=cfg.checkpoint_minutes)
     model_cfg = NEDSConfig.preset(cfg.preset, n_sessions=1, mode="streaming", n_bins=arr.n_bins)
     model = train_or_reuse({arr.eid: windows}, out, model_cfg, tcfg, resume=cfg.reuses_runs)
     info = {"train_windows": n_train, "val_windows": int(windows.subset(VAL).size), "steps": steps,

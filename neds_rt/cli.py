@@ -111,6 +111,9 @@ def train(
     array_cache: Annotated[Path | None, typer.Option(
         help="Cache of binned session arrays (default: DATA/neds_rt_arrays).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
+    checkpoint_minutes: Annotated[float, typer.Option(
+        min=0.0, help="Also save OUT/last.pt this often inside an epoch, so --resume continues at the next "
+        "batch (0: at the end of each epoch only).")] = 0.0,
     progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
 ) -> None:
     """Train NEDS on one or many sessions (or fine-tune on held-out ones); DDP with --nproc N."""
@@ -141,7 +144,7 @@ def train(
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_steps=max_steps,
                            device=device, progress=progress, spike_weight=spike_weight,
                            unit_dropout=unit_dropout, frozen_epochs=frozen_epochs,
-                           refit_class_heads=refit_class_heads)
+                           refit_class_heads=refit_class_heads, checkpoint_minutes=checkpoint_minutes)
         result = run_training(arrays, out, model_cfg, tcfg, finetune_from=finetune_from,
                               mask_ratio=mask_ratio, resume=resume)
     except NedsRtError as err:
@@ -471,6 +474,9 @@ def bench_quality(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Reuse the training runs that ended under OUT/models and continue the ones cut "
         "short (same settings only); for long runs that get interrupted.")] = False,
+    checkpoint_minutes: Annotated[float, typer.Option(
+        min=0.0, help="Every training run also saves its last.pt this often inside an epoch, so --resume "
+        "loses at most this much of a run (0: at the end of each epoch only).")] = 10.0,
     frozen_epochs: Annotated[int, typer.Option(
         min=0, help="Epochs at the start of the multi-session NEDS's fine-tuning that train the held-out "
         "session's own layers alone (neds-rt train --frozen-epochs).")] = 0,
@@ -486,7 +492,8 @@ def bench_quality(
     fields: dict[str, Any] = {k: v for k, v in dict(n_pretrain=pretrain, n_heldout=heldout, preset=preset)
                               .items() if v is not None}
     fields |= dict(seed=seed, seeds=seeds, threads=threads, jobs=jobs, streaming=streaming, int8=int8,
-                   int4=int4, resume=resume, frozen_epochs=frozen_epochs)
+                   int4=int4, resume=resume, frozen_epochs=frozen_epochs,
+                   checkpoint_minutes=checkpoint_minutes)
     if epochs is not None:
         fields |= dict(epochs=epochs, pretrain_epochs=epochs, finetune_epochs=epochs)
     try:

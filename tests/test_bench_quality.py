@@ -498,12 +498,16 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     runs = sorted(out.glob("models/**/best.pt"))
     assert len(runs) == 6  # pretraining, encoding, decoding, single, multi, streaming
     stamps = {p: p.stat().st_mtime_ns for p in runs}
+    for run in runs:  # every run saves last.pt inside its epochs at the bench's interval
+        settings = json.loads((run.parent / "metrics.json").read_text())["train_config"]
+        assert settings["checkpoint_minutes"] == 10
     single = out / "models" / eid / "neds_single" / "metrics.json"
     cut = json.loads(single.read_text())
     del cut["finished"]
     single.write_text(json.dumps(cut))
     again = CliRunner().invoke(app, ["bench", "quality", "--data", str(data), "--out", str(out), "--pretrain",
-                                     "2", "--heldout", "1", "--preset", "tiny", "--epochs", "1", "--resume"])
+                                     "2", "--heldout", "1", "--preset", "tiny", "--epochs", "1", "--resume",
+                                     "--checkpoint-minutes", "0"])  # another interval: still the same runs
     assert again.exit_code == 0, again.output
     assert {p: p.stat().st_mtime_ns for p in runs if p.parent.name != "neds_single"} == {
         p: t for p, t in stamps.items() if p.parent.name != "neds_single"}

@@ -232,6 +232,46 @@ def test_resume_continues_where_the_run_stopped(tmp_path: Path, monkeypatch: pyt
         torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
 
 
+def test_resume_inside_an_epoch_continues_at_the_next_batch(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # dropout and unit dropout on: the resumed run must also continue both random streams where they stopped
+    arrays = [synthetic_arrays(EIDS[0])]  # 42 TRAIN trials: 6 steps of 8 per epoch
+    tcfg = quick(unit_dropout=0.3, checkpoint_minutes=1e-9)  # last.pt after every step
+    full = train(arrays, tmp_path / "full", tiny_cfg(dropout=0.1), tcfg)
+
+    draws = itertools.count(1)
+    real = train_mod.draw_masks
+
+    def killed_at_step_4(*args: Any, **kwargs: Any) -> Any:
+        if next(draws) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "draw_masks", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(arrays, tmp_path / "part", tiny_cfg(dropout=0.1), tcfg)
+    monkeypatch.undo()
+    saved = read_checkpoint(tmp_path / "part" / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (0, 3)
+    assert saved["extra"]["within_epoch"]["batches"] == 3
+    assert not (tmp_path / "part" / "best.pt").exists()  # no epoch has ended
+    sessions = {a.eid: a for a in arrays}
+    assert not finished_run(tmp_path / "part", sessions, tcfg)
+    # the interval does not change what a run learns, so a run made with another one is the same run
+    assert finished_run(tmp_path / "full", sessions, replace(tcfg, checkpoint_minutes=0.0))
+
+    resumed = train(arrays, tmp_path / "part", tiny_cfg(dropout=0.1), replace(tcfg, checkpoint_minutes=0.0),
+                    resume=True)
+    assert resumed.steps == full.steps == 12
+    losses = [h["train_loss"] for h in full.history]
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx(losses)
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=r"TrainConfig\.checkpoint_minutes: must be a finite number"):
+            TrainConfig(checkpoint_minutes=bad)
+
+
 def test_finetune_keeps_shared_weights_and_rebuilds_session_layers(tmp_path: Path) -> None:
     pre = train([synthetic_arrays(EIDS[0], seed=0)], tmp_path / "pre", tiny_cfg(mask_ratio=0.25),
                 quick(epochs=1))

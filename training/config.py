@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Final, Literal
 
@@ -164,6 +165,10 @@ class TrainConfig:
     # fine-tuning). Off by default: it helped choice at 1,000 trials but not clearly at 400, and the VAL score
     # did not tell it apart; see the README, "A frozen start for fine-tuning"
     frozen_epochs: int = 0
+    # also save last.pt every this many minutes inside an epoch (0: only at the end of each epoch), so a long
+    # epoch (a multi-session pretraining on a CPU) cut short loses at most this much; resume continues at the
+    # next batch, with the random streams it stopped in. Does not change what the run learns
+    checkpoint_minutes: float = 0.0
 
     def unit_dropout_for(self, finetuning: bool) -> float:
         """The unit dropout a run uses: ``unit_dropout``, or when None the default for fine-tuning or not."""
@@ -190,6 +195,10 @@ class TrainConfig:
         if not isinstance(self.frozen_epochs, int) or self.frozen_epochs < 0:
             raise invalid("TrainConfig.frozen_epochs", "must be an integer >= 0", self.frozen_epochs,
                           "use 0 to train every layer from the first step", kind=ConfigError)
+        if not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0):
+            raise invalid("TrainConfig.checkpoint_minutes", "must be a finite number >= 0",
+                          self.checkpoint_minutes, "use 0 to save last.pt only at the end of each epoch",
+                          kind=ConfigError)
         if not self.spike_weight > 0:
             raise invalid("TrainConfig.spike_weight", "must be > 0", self.spike_weight, kind=ConfigError)
         if self.lr <= 0:

@@ -8,8 +8,9 @@
 - after each epoch (rank 0): validation metrics with the evaluation masks (encoding -> bits/spike, decoding ->
   wheel R², whisker R², choice and block balanced accuracy), their average is the model-selection score
   (the encoding-only and decoding-only variants average their own task's metrics alone), and
-  the masked validation loss; ``best.pt`` keeps the best score, ``last.pt`` the latest state (for resume);
-  ``metrics.json`` the history.
+  the masked validation loss; ``best.pt`` keeps the best score, ``last.pt`` the latest state (for resume;
+  also every ``TrainConfig.checkpoint_minutes`` inside an epoch, and a run resumed from there continues at the
+  next batch with the random streams it stopped in); ``metrics.json`` the history.
 - at the end (``TrainConfig.refit_class_heads``, runs on trial windows that train the class heads): the
   choice and block heads of ``best.pt`` are refitted by logistic regression on its frozen TRAIN features
   (:mod:`training.refit`);
@@ -376,6 +377,36 @@ def _write_metrics(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _redraw(data: Mapping[str, TrialArrays], plan: list[tuple[str, np.ndarray]], mask_ratio: float,
+            gen: torch.Generator, schemes: tuple[Scheme, ...], unit_dropout: float) -> None:
+    """Draw from ``gen``, and discard, what the steps of ``plan`` drew (their masks and unit dropout): a run
+    resumed inside an epoch then continues with the random stream it stopped in."""
+    for eid, rows in plan:
+        n_bins, n_units = data[eid].spikes.shape[1:]
+        draw_masks(len(rows), n_bins, mask_ratio, gen, schemes)
+        drop_units(torch.zeros(len(rows), 1, n_units), unit_dropout, gen)
+
+
+def _rng_state(device: torch.device, info: DistInfo) -> dict[str, torch.Tensor] | None:
+    """torch's global random state (the transformer's dropout draws from it), for a checkpoint a run resumes
+    from; None under DDP, where each rank has its own and rank 0 alone saves."""
+    if info.world > 1:
+        return None
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: dict[str, torch.Tensor] | None, device: torch.device, info: DistInfo) -> None:
+    """Put back :func:`_rng_state`'s state, when the checkpoint has one for this device and world."""
+    if not state or info.world > 1:
+        return
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def _nan_error(what: str, step: int, batch: Batch, value: float) -> DataError:
     return invalid(
         what, f"is not finite at step {step} on session {batch.eid}, trials {batch.trial_index.tolist()} "
@@ -455,6 +486,7 @@ def _train(
         total_steps = min(total_steps, tcfg.max_steps)
     step, start_epoch, best_score, best_epoch = 0, 0, -math.inf, -1
     history: list[dict[str, Any]] = []
+    within: dict[str, Any] = {}  # where in its epoch a run saved inside an epoch stopped
     if ckpt is not None:
         if ckpt.get("optimizer") is not None:
             opt.load_state_dict(ckpt["optimizer"])
@@ -462,7 +494,10 @@ def _train(
         best_score = ckpt["best_score"] if ckpt["best_score"] is not None else -math.inf
         history = list(ckpt.get("extra", {}).get("history", []))
         best_epoch = int(ckpt.get("extra", {}).get("best_epoch", -1))
-        log.info("resuming %s at epoch %s, step %s", out, start_epoch, step)
+        within = dict(ckpt.get("extra", {}).get("within_epoch") or {})
+        _restore_rng(ckpt.get("extra", {}).get("rng"), device, info)
+        log.info("resuming %s at epoch %s, step %s%s", out, start_epoch, step,
+                 f", batch {within['batches']} of the epoch" if within else "")
     n_params = count_parameters(model)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -474,6 +509,7 @@ def _train(
     # each session's training variance of wheel/whisker: their MSE becomes scale-free, like the other losses
     target_var = {eid: target_variance(arr) for eid, arr in data.items()}
     step_time, trials_seen = 0.0, 0
+    saved_at = time.monotonic()  # of the last save inside an epoch (TrainConfig.checkpoint_minutes)
     net.train()
     for epoch in range(start_epoch, tcfg.epochs):
         if tcfg.max_steps and step >= tcfg.max_steps:
@@ -482,7 +518,11 @@ def _train(
         plan = plan_epoch(data, TRAIN, tcfg.batch_size, tcfg.seed, epoch, info.rank, info.world)
         bar = _progress(len(plan), tcfg.progress and info.is_main, f"epoch {epoch + 1}/{tcfg.epochs}")
         epoch_loss, epoch_n, done = 0.0, 0, 0
-        for batch in iter_batches(data, plan, device):
+        if within and epoch == start_epoch:  # resumed inside this epoch: its first batches are done
+            done, epoch_loss, epoch_n = int(within["batches"]), float(within["loss"]), int(within["trials"])
+            _redraw(data, plan[:done], cfg.mask_ratio, gen, schemes, unit_dropout)
+            bar.update(done)
+        for batch in iter_batches(data, plan[done:], device):
             if tcfg.max_steps and step >= tcfg.max_steps:
                 break
             t0 = time.perf_counter()
@@ -515,6 +555,14 @@ def _train(
             done += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", trials_s=f"{trials_seen / max(step_time, 1e-9):.1f}")
+            if tcfg.checkpoint_minutes and info.is_main and done < len(plan) \
+                    and time.monotonic() - saved_at >= 60.0 * tcfg.checkpoint_minutes:
+                position = {"batches": done, "loss": epoch_loss, "trials": epoch_n}
+                save_checkpoint(out / "last.pt", model, optimizer=opt, step=step, epoch=epoch,
+                                best_score=best_score if best_epoch > 0 else None, train_config=asdict(tcfg),
+                                extra={"history": _jsonable(history), "best_epoch": best_epoch,
+                                       "within_epoch": position, "rng": _rng_state(device, info)})
+                saved_at = time.monotonic()
         bar.close()
         completed = epoch + 1 if done == len(plan) else epoch  # epochs finished, for resume
         if info.is_main:
@@ -530,7 +578,7 @@ def _train(
             is_best = math.isfinite(score) and score > best_score
             if is_best:
                 best_score, best_epoch = score, epoch + 1
-            extra = {"history": _jsonable(history), "best_epoch": best_epoch}
+            extra = {"history": _jsonable(history), "best_epoch": best_epoch, "rng": _rng_state(device, info)}
             for name in ("best.pt", "last.pt") if is_best or not (out / "best.pt").exists() else ("last.pt",):
                 save_checkpoint(out / name, model, optimizer=opt, step=step, epoch=completed,
                                 best_score=best_score if best_epoch > 0 else None, train_config=asdict(tcfg),
@@ -575,7 +623,8 @@ def _refit_best(out: Path, data: Mapping[str, TrialArrays], tcfg: TrainConfig,
     return refits
 
 
-_RUN_KEYS_IGNORED: Final = ("progress", "device", "eval_batch_size")  # do not change what a run learns
+# settings that do not change what a run learns
+_RUN_KEYS_IGNORED: Final = ("progress", "device", "eval_batch_size", "checkpoint_minutes")
 
 
 def finished_run(out: Path | str, arrays: Mapping[str, TrialArrays], train_cfg: TrainConfig,
