@@ -31,6 +31,7 @@ from bench.quality_report import (
 )
 from neds_rt.cli import app
 from neds_rt.errors import ConfigError, DataError
+from streams.ground_truth import GROUND_TRUTH_DIR
 from streams.sim_neurons import LATENT_NAMES
 from training.arrays import TEST, TRAIN, VAL, ContinuousArrays, Normalisation, TrialArrays
 from training.config import TrainConfig
@@ -517,6 +518,22 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     other = CliRunner().invoke(app, ["bench", "quality", "--data", str(data), "--out", str(out), "--pretrain",
                                      "2", "--heldout", "1", "--preset", "tiny", "--epochs", "2", "--resume"])
     assert other.exit_code != 0 and "train_config: epochs=1 (now 2)" in other.output
+
+    # a lab's own sessions have no ground truth: the same comparison without the oracle rows, the latent
+    # shares and the region ceiling (the simulator's side files hidden; every run reused)
+    truth = data / GROUND_TRUTH_DIR
+    truth.rename(tmp_path / "truth_aside")
+    real = CliRunner().invoke(app, ["bench", "quality", "--data", str(data), "--out", str(out), "--pretrain",
+                                    "2", "--heldout", "1", "--preset", "tiny", "--epochs", "1", "--resume"])
+    (tmp_path / "truth_aside").rename(truth)
+    assert real.exit_code == 0, real.output
+    rep4 = json.loads((out / "report.json").read_text())
+    assert rep4["models"] == [m for m in expected if m != "oracle"]
+    assert rep4["results"][eid] == {m: v for m, v in rep["results"][eid].items() if m != "oracle"}
+    assert not rep4.get("latent_variance") and "oracle_accuracy" not in rep4["regions"]
+    assert rep4["regions"]["neds_accuracy"] == reg["neds_accuracy"]
+    assert [c["name"] for c in rep4["checks"]] == [c["name"] for c in rep["checks"]]
+    assert rep4["check_intervals"] == rep["check_intervals"]
 
     # --jobs 2: every run trained first, two at a time in worker processes, then loaded: the same report
     par = tmp_path / "out_jobs"
