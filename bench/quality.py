@@ -100,8 +100,8 @@ class QualityConfig:
     # training runs at once, each in its own process (bench.quality_jobs); 1 trains them one after another
     jobs: int = 1
     # every training run also saves its last.pt this often inside an epoch (TrainConfig.checkpoint_minutes):
-    # with --resume, a run cut short loses at most this much (a full-size pretraining epoch takes ~50 min on
-    # a 2-core CPU)
+    # with --resume, a run cut short loses at most this much (a full-size pretraining epoch takes about an
+    # hour on this 2-core CPU)
     checkpoint_minutes: float = 10.0
 
     def __post_init__(self) -> None:
@@ -114,6 +114,9 @@ class QualityConfig:
                               kind=ConfigError)
         if self.preset not in _PRESETS:
             raise invalid("QualityConfig.preset", f"must be one of {_PRESETS}", self.preset, kind=ConfigError)
+        from training.config import TrainConfig
+
+        TrainConfig(checkpoint_minutes=self.checkpoint_minutes)  # its rule, before any run starts
 
     @property
     def reuses_runs(self) -> bool:

@@ -394,6 +394,8 @@ def test_config_rules() -> None:
         QualityConfig(preset="huge")
     with pytest.raises(ConfigError, match="n_heldout"):
         QualityConfig(n_heldout=0)
+    with pytest.raises(ConfigError, match="checkpoint_minutes: must be a finite number >= 0"):
+        QualityConfig(checkpoint_minutes=float("nan"))
     assert QualityConfig.quick().n_trials == 150
 
 
