@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.test_train import EIDS, quick, synthetic_arrays, tiny_cfg
+from training.checkpoint import read_checkpoint
 from training.distributed import init_distributed, resolve_device, strip_option, torchrun_argv
 from training.train import build_model, train
 
@@ -36,7 +37,8 @@ def _worker(rank: int, world: int, port: int, out: str, device: str) -> None:
     )
     torch.set_num_threads(1)
     # 1 trial per rank per step: most steps leave some modality unmasked on some rank (no loss on its head)
-    tcfg = quick(epochs=1, batch_size=1, max_steps=6, device=device)
+    # last.pt also after every step (rank 0 alone saves, the other rank goes on)
+    tcfg = quick(epochs=1, batch_size=1, max_steps=6, device=device, checkpoint_minutes=1e-9)
     res = train(_arrays(), Path(out) / "run", tiny_cfg(), tcfg)
     state = {k: v.detach().cpu() for k, v in res.model.state_dict().items()}
     torch.save({"state": state, "steps": res.steps}, Path(out) / f"rank{rank}.pt")
@@ -56,6 +58,7 @@ def _run_two(tmp_path: Path, device: str) -> None:
         moved += int(not torch.equal(value, init[key]))
     assert moved > len(init) // 2  # training changed the weights (both sessions' layers and the shared ones)
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"best.pt", "last.pt", "metrics.json"}
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["extra"]["rng"] is None  # each rank has its own
 
 
 def test_two_cpu_processes_end_with_identical_weights(tmp_path: Path) -> None:
