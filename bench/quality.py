@@ -66,9 +66,9 @@ class QualityConfig:
     """Size of the comparison. The defaults are the full benchmark; :meth:`quick` is the few-minute one.
 
     Run times (2-core CPU shared with other jobs, 1 torch thread): ``--quick`` measured 225-517 s. Full size
-    (10 + 2 IBL-like sessions, ~400 TRAIN trials each, ``default`` preset, 30 epochs per run) is estimated,
-    from a measured ~12 s per 16-trial step of the default model on that CPU, at ~25 h of pretraining plus
-    ~10 h per held-out session: run it on a GPU (not measured here).
+    (10 + 2 IBL-like sessions of 260-680 TRAIN trials, ``default`` preset, 30 epochs per run), measured in
+    part on that CPU with ``--jobs 2``: the pretraining's 309 steps an epoch at 11.8-12.9 s a step (~1 h an
+    epoch, ~30 h for 30), a held-out run's 31 steps an epoch at 5-8 min an epoch (~3-4 h a run): use a GPU.
     """
 
     n_pretrain: int = 10  # sessions the multi-session NEDS pretrains on
