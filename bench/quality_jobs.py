@@ -15,13 +15,18 @@ as the pretraining has ended, ahead of any run still waiting: the pretraining an
 are the longest chain, and the wall time is at least theirs.
 
 If a run fails, no other run starts; the runs under way finish (their results stay under ``OUT/models`` for
-``--resume``) and the first error is raised.
+``--resume``) and the first error is raised. If the comparison's process itself dies (SIGTERM, SIGKILL, the
+machine's session ending), every worker ends within a second (:func:`exit_with_parent`): an orphaned run would
+otherwise go on writing its ``last.pt`` beside the run that ``--resume`` starts in its place.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 
 PRETRAIN: Final = "pretrain"
 MULTI: Final = "neds_multi"
+PARENT_POLL_S: Final = 1.0  # how often a worker looks for its parent
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,8 @@ def train_ahead(data: Path | str, out: Path | str, cfg: QualityConfig) -> dict[s
     level = logging.getLogger().getEffectiveLevel()
     t0 = time.perf_counter()
     log.info("training %s runs, %s at once", len(waiting), cfg.jobs)
-    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         while waiting or running:
             ready = [j for j in waiting if j.after is None or j.after in ended]
             ready.sort(key=lambda j: j.after is None)  # a run that waited (a fine-tuning) goes first
@@ -120,6 +127,20 @@ def train_ahead(data: Path | str, out: Path | str, cfg: QualityConfig) -> dict[s
         raise error
     seconds["wall_s"] = time.perf_counter() - t0
     return seconds
+
+
+def exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this process (status 1) within :data:`PARENT_POLL_S` of ``parent``'s death,
+    whatever killed it. A pool's busy workers outlive a parent killed by a signal it cannot clean up after."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        print(f"neds-rt bench quality worker {os.getpid()}: the comparison's process {parent} is gone; "
+              "ending this run (its last checkpoint stays for --resume)", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _work(data: str, out: str, cfg: QualityConfig, pre: list[str], job: Job, level: int) -> float:

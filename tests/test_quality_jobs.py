@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from bench.quality import VARIANTS, QualityConfig, run_quality
-from bench.quality_jobs import MULTI, PRETRAIN, STREAMING, plan_jobs
+from bench.quality_jobs import MULTI, PARENT_POLL_S, PRETRAIN, STREAMING, plan_jobs
 from neds_rt.errors import ConfigError
 
 
@@ -46,3 +51,58 @@ def test_a_failing_run_stops_the_others_from_starting_and_its_error_is_raised(
     assert not list(models.glob("*/neds_multi"))  # the pretraining failed: no fine-tuning started
     assert not list(models.glob("**/metrics.json"))  # and no run got as far as an epoch
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def _children(pid: int, command: str) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid`` and whose command line holds ``command``."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z" and command in (stat.parent / "cmdline").read_text(
+                    errors="replace"):
+                kids.append(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
+def test_killing_the_comparison_ends_its_workers(tmp_path: Path) -> None:
+    from streams.simulate import simulate_cache
+
+    data = tmp_path / "data"
+    simulate_cache(data, n_sessions=3, seed=1, n_trials=40)
+    cmd = [sys.executable, "-m", "neds_rt.cli", "bench", "quality", "--data", str(data), "--out",
+           str(tmp_path / "out"), "--quick", "--pretrain", "2", "--epochs", "500", "--jobs", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2:  # the pool's two workers, once both train (each run has written a checkpoint)
+            assert proc.poll() is None, "bench quality ended before its workers started"
+            assert time.monotonic() < deadline, f"no two training workers in 120 s: {workers}"
+            if len(list((tmp_path / "out" / "models").glob("**/last.pt"))) >= 2:
+                workers = _children(proc.pid, "spawn_main")
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)  # no handler runs: the workers must notice on their own
+        assert proc.wait(10) == -signal.SIGKILL
+        deadline = time.monotonic() + 10 * PARENT_POLL_S + 5
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], "orphaned workers still training"
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
