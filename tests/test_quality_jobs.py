@@ -53,25 +53,35 @@ def test_a_failing_run_stops_the_others_from_starting_and_its_error_is_raised(
     assert not (tmp_path / "out" / "report.json").exists()
 
 
-def _children(pid: int, command: str) -> list[int]:
-    """Live (not zombie) processes whose parent is ``pid`` and whose command line holds ``command``."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid and fields[0] != "Z" and command in (stat.parent / "cmdline").read_text(
-                    errors="replace"):
-                kids.append(int(stat.parent.name))
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-    return kids
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of process ``pid`` from /proc; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
 
 
 def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    """Whether ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def _children(pid: int, command: str) -> list[int]:
+    """Live processes whose parent is ``pid`` and whose command line holds ``command``."""
+    kids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        kid = int(entry.name)
+        stat = _stat(kid)
+        if stat is None or stat[1] != pid or stat[0] == "Z":
+            continue
+        try:
+            if command in (entry / "cmdline").read_text(errors="replace"):
+                kids.append(kid)
+        except OSError:
+            continue  # gone meanwhile
+    return kids
 
 
 @pytest.mark.slow
