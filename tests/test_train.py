@@ -272,6 +272,32 @@ def test_resume_inside_an_epoch_continues_at_the_next_batch(tmp_path: Path,
             TrainConfig(checkpoint_minutes=bad)
 
 
+def test_a_run_stopped_by_max_steps_inside_an_epoch_resumes_at_the_next_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    arrays = [synthetic_arrays(EIDS[0])]  # 42 TRAIN trials: 6 steps of 8 per epoch
+    trained: list[tuple[int, ...]] = []  # the TRAIN rows of every step, in order, over both runs
+    real = train_mod._forward
+
+    def recorded(model: Any, batch: Any, *args: Any) -> Any:
+        if model.training:  # a training step, not an evaluation
+            trained.append(tuple(batch.rows.tolist()))
+        return real(model, batch, *args)
+
+    monkeypatch.setattr(train_mod, "_forward", recorded)
+    train(arrays, tmp_path / "run", tiny_cfg(), quick(max_steps=3))
+    saved = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (0, 3)
+    assert saved["extra"]["within_epoch"]["batches"] == 3
+    best = read_checkpoint(tmp_path / "run" / "best.pt")["extra"]
+    assert "rng" not in best and "within_epoch" not in best  # only the checkpoint a run resumes from
+
+    resumed = train(arrays, tmp_path / "run", tiny_cfg(), quick(), resume=True)
+    assert resumed.steps == 12  # 3 + the epoch's other 3 + 6, not 3 + 6 + 6
+    plans = [[tuple(r.tolist()) for _, r in plan_epoch({a.eid: a for a in arrays}, TRAIN, 8, 0, e, 0, 1)]
+             for e in (0, 1)]
+    assert trained == plans[0] + plans[1]  # every batch once, none twice
+    assert "within_epoch" not in read_checkpoint(tmp_path / "run" / "last.pt")["extra"]  # ended its epochs
+
 def test_finetune_keeps_shared_weights_and_rebuilds_session_layers(tmp_path: Path) -> None:
     pre = train([synthetic_arrays(EIDS[0], seed=0)], tmp_path / "pre", tiny_cfg(mask_ratio=0.25),
                 quick(epochs=1))

@@ -578,11 +578,16 @@ def _train(
             is_best = math.isfinite(score) and score > best_score
             if is_best:
                 best_score, best_epoch = score, epoch + 1
-            extra = {"history": _jsonable(history), "best_epoch": best_epoch, "rng": _rng_state(device, info)}
+            extra = {"history": _jsonable(history), "best_epoch": best_epoch}
+            # last.pt, the one a run resumes from, also keeps the random state and, when max_steps stopped
+            # the epoch early, where in the epoch it stopped: a resumed run goes on at the next batch
+            resume_at: dict[str, Any] = {"rng": _rng_state(device, info)}
+            if completed == epoch:
+                resume_at["within_epoch"] = {"batches": done, "loss": epoch_loss, "trials": epoch_n}
             for name in ("best.pt", "last.pt") if is_best or not (out / "best.pt").exists() else ("last.pt",):
                 save_checkpoint(out / name, model, optimizer=opt, step=step, epoch=completed,
                                 best_score=best_score if best_epoch > 0 else None, train_config=asdict(tcfg),
-                                extra=extra)
+                                extra=extra if name == "best.pt" else {**extra, **resume_at})
             log.info("epoch %s: train loss %.4f, val loss %.4f, val score %.4f%s", epoch + 1,
                      record["train_loss"], record["val_loss"], score, " (best)" if is_best else "")
             _write_metrics(out / "metrics.json", {
