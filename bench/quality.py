@@ -97,7 +97,8 @@ class QualityConfig:
     # the multi-session NEDS's fine-tuning trains the held-out session's own layers alone for this many epochs
     # first (TrainConfig.frozen_epochs; the README, "A frozen start for fine-tuning")
     frozen_epochs: int = 0
-    # training runs at once, each in its own process (bench.quality_jobs); 1 trains them one after another
+    # training runs at once, each in its own process (bench.quality_jobs; with seeds > 1, the runs of every
+    # seed in one pool); 1 trains them one after another
     jobs: int = 1
     # every training run also saves its last.pt this often inside an epoch (TrainConfig.checkpoint_minutes):
     # with --resume, a run cut short loses at most this much (a full-size pretraining epoch takes about an
@@ -374,14 +375,17 @@ def run_quality(data: Path | str, out: Path | str, cfg: QualityConfig | None = N
     return report
 
 
-def _run_seed(data: Path, out: Path, cfg: QualityConfig, command: str) -> SeedRun:
+def _run_seed(data: Path, out: Path, cfg: QualityConfig, command: str,
+              ahead: dict[str, float] | None = None) -> SeedRun:
     """The whole comparison at training seed ``cfg.seed``, streaming NEDS included. With ``jobs`` > 1 the
-    training runs are trained first, several at once, and the comparison then loads them."""
-    ahead: dict[str, float] = {}
-    if cfg.jobs > 1:
-        from bench.quality_jobs import train_ahead
+    training runs are trained first, several at once, and the comparison then loads them (``ahead``: they
+    were, with these seconds)."""
+    if ahead is None:
+        ahead = {}
+        if cfg.jobs > 1:
+            from bench.quality_jobs import train_ahead
 
-        ahead = train_ahead(data, out, cfg)
+            ahead = train_ahead(data, out, cfg)
     report, helds, region_data = _run(data, out, cfg, command)
     if cfg.streaming:
         from bench.quality_streaming import add_streaming
@@ -394,11 +398,18 @@ def _run_seed(data: Path, out: Path, cfg: QualityConfig, command: str) -> SeedRu
 def _run_seeds(data: Path, out: Path, cfg: QualityConfig, command: str) -> dict[str, Any]:
     """``--seeds N``: one full report per training seed under ``out/seed_S``, combined in ``out``."""
     prepare_sessions(data, cfg)  # simulate (when empty) once, with the base seed
+    parts = [(out / seed_folder(seed), replace(cfg, seed=seed, seeds=1))
+             for seed in range(cfg.seed, cfg.seed + cfg.seeds)]
+    aheads: list[dict[str, float] | None] = [None] * len(parts)
+    if cfg.jobs > 1:  # every seed's runs in one pool, the seeds' pretrainings first
+        from bench.quality_jobs import train_ahead_seeds
+
+        aheads = list(train_ahead_seeds(data, parts))
     runs = []
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+    for (folder, seed_cfg), ahead in zip(parts, aheads, strict=True):
         t0 = time.perf_counter()
-        folder = out / seed_folder(seed)
-        run = _run_seed(data, folder, replace(cfg, seed=seed, seeds=1), command)
+        seed = seed_cfg.seed
+        run = _run_seed(data, folder, seed_cfg, command, ahead)
         run.report["timing"]["total_s"] = time.perf_counter() - t0
         write_report(run.report, folder)
         log.info("seed %s of %s: report in %s", seed - cfg.seed + 1, cfg.seeds, folder)

@@ -14,6 +14,10 @@ in one process), and only the run time changes. The pretraining starts first and
 as the pretraining has ended, ahead of any run still waiting: the pretraining and the fine-tunings after it
 are the longest chain, and the wall time is at least theirs.
 
+With ``--seeds S`` the runs of every seed share one pool (:func:`train_ahead_seeds`): the S pretrainings start
+first, each seed's fine-tunings wait for its own pretraining only, and a seed's runs go into its
+``OUT/seed_S`` folder. The seeds' comparisons then run one after another on their trained runs.
+
 If a run fails, no other run starts; the runs under way finish (their results stay under ``OUT/models`` for
 ``--resume``) and the first error is raised. If the comparison's process itself dies (SIGTERM, SIGKILL, the
 machine's session ending), every worker ends within a second (:func:`exit_with_parent`): an orphaned run would
@@ -28,6 +32,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,6 +65,7 @@ class Job:
 
     kind: str
     eid: str | None = None
+    part: int = 0  # which comparison (seed) of :func:`train_ahead_seeds` the run belongs to
 
     @property
     def name(self) -> str:
@@ -68,64 +74,84 @@ class Job:
 
     @property
     def after(self) -> str | None:
-        """The run that must end before this one starts."""
+        """The run (of the same comparison) that must end before this one starts."""
         return PRETRAIN if self.kind == MULTI else None
 
 
-def plan_jobs(cfg: QualityConfig, heldout: list[str]) -> list[Job]:
+def plan_jobs(cfg: QualityConfig, heldout: list[str], part: int = 0) -> list[Job]:
     """Every training run of one seed's comparison, the pretraining first."""
-    jobs = [Job(PRETRAIN)]
+    jobs = [Job(PRETRAIN, part=part)]
     for eid in heldout:
-        jobs += [Job(name, eid) for name in VARIANTS] + [Job(MULTI, eid)]
+        jobs += [Job(name, eid, part) for name in VARIANTS] + [Job(MULTI, eid, part)]
         if cfg.streaming:
-            jobs.append(Job(STREAMING, eid))
+            jobs.append(Job(STREAMING, eid, part))
     return jobs
+
+
+def plan_seeds(cfgs: Sequence[QualityConfig], heldout: list[str]) -> list[Job]:
+    """The runs of several comparisons (one per seed), every pretraining first: they head the longest
+    chains."""
+    jobs = [job for part, cfg in enumerate(cfgs) for job in plan_jobs(cfg, heldout, part)]
+    return sorted(jobs, key=lambda j: j.kind != PRETRAIN)  # stable: the rest keep their order
 
 
 def train_ahead(data: Path | str, out: Path | str, cfg: QualityConfig) -> dict[str, float]:
     """Train every run of the comparison at ``cfg.seed`` into ``out/models``, ``cfg.jobs`` at a time; return
     each run's seconds (``<name>_s``) and the wall time of them all (``wall_s``)."""
+    return train_ahead_seeds(data, [(Path(out), cfg)])[0]
+
+
+def train_ahead_seeds(data: Path | str, parts: Sequence[tuple[Path, QualityConfig]]
+                      ) -> list[dict[str, float]]:
+    """Train every run of several comparisons ``parts`` ((out, cfg) per seed, on the same sessions) in one
+    pool of ``cfg.jobs`` workers (the first part's); return, per part, :func:`train_ahead`'s seconds (each
+    part's ``wall_s`` is the pool's)."""
     from streams.load import open_one
     from training.cache import load_arrays
 
-    data, out = Path(data), Path(out)
-    pre, heldout = prepare_sessions(data, cfg)
+    data = Path(data)
+    pre, heldout = prepare_sessions(data, parts[0][1])
     one = open_one(data)
-    for eid in (*pre, *heldout):  # built and cached once here, so the workers only read the cache
-        load_arrays(one, eid, cache_root=array_cache_dir(out))
-    waiting = plan_jobs(cfg, heldout)
-    seconds: dict[str, float] = {}
-    ended: set[str] = set()  # names of the runs that ended, for the runs that wait on them
+    for out, _ in parts:  # built and cached once here, so the workers only read the cache
+        for eid in (*pre, *heldout):
+            load_arrays(one, eid, cache_root=array_cache_dir(out))
+    waiting = plan_seeds([cfg for _, cfg in parts], heldout)
+    seconds: list[dict[str, float]] = [{} for _ in parts]
+    ended: set[tuple[int, str]] = set()  # (part, name) of the runs that ended, for the runs that wait on them
     running: dict[Future[float], Job] = {}
     error: BaseException | None = None
     level = logging.getLogger().getEffectiveLevel()
+    jobs = parts[0][1].jobs
     t0 = time.perf_counter()
-    log.info("training %s runs, %s at once", len(waiting), cfg.jobs)
-    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn"),
+    log.info("training %s runs, %s at once", len(waiting), jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         while waiting or running:
-            ready = [j for j in waiting if j.after is None or j.after in ended]
+            ready = [j for j in waiting if j.after is None or (j.part, j.after) in ended]
             ready.sort(key=lambda j: j.after is None)  # a run that waited (a fine-tuning) goes first
-            while error is None and ready and len(running) < cfg.jobs:
+            while error is None and ready and len(running) < jobs:
                 job = ready.pop(0)
                 waiting.remove(job)
+                out, cfg = parts[job.part]
                 running[pool.submit(_work, str(data), str(out), cfg, pre, job, level)] = job
             if not running:  # nothing under way and nothing may start: a run failed
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 job = running.pop(future)
+                where = f" (seed {parts[job.part][1].seed})" if len(parts) > 1 else ""
                 try:
-                    seconds[f"{job.name}_s"] = future.result()
-                    ended.add(job.name)
-                    log.info("run %s trained (%.0f s)", job.name, seconds[f"{job.name}_s"])
+                    seconds[job.part][f"{job.name}_s"] = future.result()
+                    ended.add((job.part, job.name))
+                    log.info("run %s%s trained (%.0f s)", job.name, where, seconds[job.part][f"{job.name}_s"])
                 except BaseException as err:  # re-raised below, once the runs under way have ended
                     error = error or err
-                    log.error("run %s failed: %s; waiting for the %s runs under way", job.name, err,
+                    log.error("run %s%s failed: %s; waiting for the %s runs under way", job.name, where, err,
                               len(running))
     if error is not None:
         raise error
-    seconds["wall_s"] = time.perf_counter() - t0
+    for part in seconds:
+        part["wall_s"] = time.perf_counter() - t0
     return seconds
 
 

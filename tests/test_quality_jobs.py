@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.quality import VARIANTS, QualityConfig, run_quality
-from bench.quality_jobs import MULTI, PARENT_POLL_S, PRETRAIN, STREAMING, plan_jobs
+from bench.quality_jobs import MULTI, PARENT_POLL_S, PRETRAIN, STREAMING, plan_jobs, plan_seeds
 from neds_rt.errors import ConfigError
 
 
@@ -25,6 +25,17 @@ def test_plan_trains_every_run_and_only_the_fine_tunings_wait_for_the_pretrainin
     assert {j.name: j.after for j in jobs if j.after} == {"neds_multi_a": PRETRAIN, "neds_multi_b": PRETRAIN}
     quiet = plan_jobs(QualityConfig.quick(streaming=False), ["a"])
     assert STREAMING not in {j.kind for j in quiet} and len(quiet) == 1 + len(VARIANTS) + 1
+
+
+def test_the_seeds_share_one_plan_their_pretrainings_first() -> None:
+    cfgs = [QualityConfig.quick(seed=s, streaming=False) for s in (4, 5)]
+    jobs = plan_seeds(cfgs, ["a", "b"])
+    assert [(j.kind, j.part) for j in jobs[:2]] == [(PRETRAIN, 0), (PRETRAIN, 1)]
+    assert len(jobs) == len(set(jobs)) == 2 * len(plan_jobs(cfgs[0], ["a", "b"]))
+    for part in (0, 1):  # each seed keeps its runs, in their order; a fine-tuning waits for its own seed's
+        assert [j for j in jobs if j.part == part] == plan_jobs(cfgs[part], ["a", "b"], part)
+    assert {(j.part, j.name, j.after) for j in jobs if j.after} == {
+        (p, f"{MULTI}_{e}", PRETRAIN) for p in (0, 1) for e in ("a", "b")}
 
 
 def test_jobs_must_be_at_least_one() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import statistics
 from pathlib import Path
 
@@ -161,21 +162,26 @@ def test_region_intervals_over_seeds() -> None:
 
 
 @pytest.mark.slow
-def test_bench_quality_two_seeds_end_to_end(tmp_path: Path) -> None:
+def test_bench_quality_two_seeds_end_to_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from streams.simulate import simulate_cache
 
     data, out = tmp_path / "data", tmp_path / "out"
     simulate_cache(data, n_sessions=3, seed=1, n_trials=40)
-    res = CliRunner().invoke(app, ["bench", "quality", "--data", str(data), "--out", str(out), "--pretrain",
-                                   "2", "--heldout", "1", "--preset", "tiny", "--epochs", "1",
-                                   "--no-streaming", "--seed", "4", "--seeds", "2"])
+    # --jobs 2: both seeds' runs trained first, in one pool of two workers, then each seed's comparison
+    with caplog.at_level(logging.INFO, logger="bench.quality_jobs"):
+        res = CliRunner().invoke(app, ["bench", "quality", "--data", str(data), "--out", str(out),
+                                       "--pretrain", "2", "--heldout", "1", "--preset", "tiny", "--epochs",
+                                       "1", "--no-streaming", "--seed", "4", "--seeds", "2", "--jobs", "2"])
     assert res.exit_code == 0, res.output
+    pools = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training ")]
+    assert pools == ["training 10 runs, 2 at once"]  # (pretraining + 4 held-out runs) x 2 seeds, one pool
     assert "of 2 seeds (" in res.output  # each check printed with its per-seed differences
     rep = json.loads((out / "report.json").read_text())
     subs = [json.loads((out / f"seed_{s}" / "report.json").read_text()) for s in (4, 5)]
     assert rep["seeds"] == [4, 5] and [s["config"]["seed"] for s in subs] == [4, 5]
-    for sub in subs:  # each seed trained its own models
+    for sub in subs:  # each seed trained its own models, ahead of its comparison
         assert (out / f"seed_{sub['config']['seed']}" / "models" / "pretrain" / "best.pt").exists()
+        assert {"trained_ahead_pretrain_s", "trained_ahead_wall_s"} <= set(sub["timing"])
     eid = rep["heldout_sessions"][0]
     for model, metrics in rep["results"][eid].items():
         for metric, value in metrics.items():
