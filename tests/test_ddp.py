@@ -4,15 +4,18 @@ without a GPU. Also the torchrun command line ``neds-rt train --nproc N`` builds
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from tests.test_train import EIDS, quick, synthetic_arrays, tiny_cfg
+from training import train as train_mod
 from training.checkpoint import read_checkpoint
 from training.distributed import init_distributed, resolve_device, strip_option, torchrun_argv
 from training.train import build_model, train
@@ -58,11 +61,59 @@ def _run_two(tmp_path: Path, device: str) -> None:
         moved += int(not torch.equal(value, init[key]))
     assert moved > len(init) // 2  # training changed the weights (both sessions' layers and the shared ones)
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"best.pt", "last.pt", "metrics.json"}
-    assert read_checkpoint(tmp_path / "run" / "last.pt")["extra"]["rng"] is None  # each rank has its own
+    assert len(read_checkpoint(tmp_path / "run" / "last.pt")["extra"]["rng"]["ranks"]) == 2  # one per rank
 
 
 def test_two_cpu_processes_end_with_identical_weights(tmp_path: Path) -> None:
     _run_two(tmp_path, "cpu")
+
+
+def _stopped_at_step_4(*args: Any) -> Any:
+    """``draw_masks`` that stops the run at the 4th training step's masks, on every rank at once."""
+    if len(args) == 5 and next(_DRAWS) == 4:  # a training step's draw (the VAL loss passes no schemes)
+        raise RuntimeError("stopped at step 4")
+    return _REAL_DRAW(*args)
+
+
+_REAL_DRAW = train_mod.draw_masks
+_DRAWS = itertools.count(1)
+
+
+def _resume_worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo",
+    )
+    torch.set_num_threads(1)
+    # dropout and unit dropout on; last.pt after every step (rank 0 saves every rank's random state)
+    tcfg = quick(epochs=1, batch_size=1, max_steps=6, device="cpu", unit_dropout=0.3, checkpoint_minutes=1e-9)
+    if mode == "stop":
+        train_mod.draw_masks = _stopped_at_step_4  # this process only
+    folder = Path(out) / ("full" if mode == "full" else "part")
+    res = train(_arrays(), folder, tiny_cfg(dropout=0.1), tcfg, resume=mode == "resume")
+    state = {k: v.detach().cpu() for k, v in res.model.state_dict().items()}
+    torch.save({"state": state, "steps": res.steps}, Path(out) / f"{mode}_rank{rank}.pt")
+
+
+def test_two_processes_resumed_inside_an_epoch_end_as_a_run_never_stopped(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    def spawn(mode: str) -> None:
+        mp.spawn(_resume_worker, args=(2, _free_port(), str(tmp_path), mode), nprocs=2, join=True)
+
+    spawn("full")
+    with pytest.raises(Exception, match="stopped at step 4"):
+        spawn("stop")
+    saved = read_checkpoint(tmp_path / "part" / "last.pt")
+    assert saved["step"] == 3 and saved["extra"]["within_epoch"]["batches"] == 3
+    assert len(saved["extra"]["rng"]["ranks"]) == 2  # each rank's own
+    spawn("resume")
+    full = torch.load(tmp_path / "full_rank0.pt", weights_only=True)
+    for rank in (0, 1):
+        resumed = torch.load(tmp_path / f"resume_rank{rank}.pt", weights_only=True)
+        assert resumed["steps"] == full["steps"] == 6
+        for k, v in full["state"].items():
+            torch.testing.assert_close(resumed["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
 @pytest.mark.gpu

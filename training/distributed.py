@@ -115,6 +115,17 @@ def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def gather_objects(obj: object, info: DistInfo) -> list[object]:
+    """Every rank's ``obj``, in rank order, on every rank (a collective: all ranks must call it)."""
+    if not info.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[object] = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         import torch.distributed as dist

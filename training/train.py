@@ -51,7 +51,16 @@ from training.checkpoint import (
     vocab_from_arrays,
 )
 from training.config import SPIKE_WEIGHT, NEDSConfig, TrainConfig
-from training.distributed import DistInfo, all_mean, barrier, init_distributed, shutdown, wrap
+from training.distributed import (
+    DistInfo,
+    all_mean,
+    barrier,
+    broadcast_flag,
+    gather_objects,
+    init_distributed,
+    shutdown,
+    wrap,
+)
 from training.loader import Batch, check_splits, iter_batches, make_batch, plan_epoch
 from training.masking import Scheme, draw_masks, drop_units, eval_mask, masked_losses, target_variance
 from training.model import NEDS, SessionModules, count_parameters, trial_logits
@@ -387,24 +396,32 @@ def _redraw(data: Mapping[str, TrialArrays], plan: list[tuple[str, np.ndarray]],
         drop_units(torch.zeros(len(rows), 1, n_units), unit_dropout, gen)
 
 
-def _rng_state(device: torch.device, info: DistInfo) -> dict[str, torch.Tensor] | None:
+def _rng_state(device: torch.device, info: DistInfo) -> dict[str, Any]:
     """torch's global random state (the transformer's dropout draws from it), for a checkpoint a run resumes
-    from; None under DDP, where each rank has its own and rank 0 alone saves."""
-    if info.world > 1:
-        return None
-    state = {"cpu": torch.get_rng_state()}
+    from. Under DDP each rank has its own: every rank calls this (a collective) and the state holds them all,
+    in rank order, under ``ranks``."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+    return {"ranks": gather_objects(state, info)} if info.world > 1 else state
 
 
-def _restore_rng(state: dict[str, torch.Tensor] | None, device: torch.device, info: DistInfo) -> None:
-    """Put back :func:`_rng_state`'s state, when the checkpoint has one for this device and world."""
-    if not state or info.world > 1:
+def _restore_rng(state: dict[str, Any] | None, device: torch.device, info: DistInfo) -> None:
+    """Put back :func:`_rng_state`'s state (this rank's, under DDP), when the checkpoint has one saved by as
+    many processes as this run has; otherwise dropout draws anew, and the resumed run is not bit for bit the
+    one it continues."""
+    if not state:
         return
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    saved_world = len(state["ranks"]) if "ranks" in state else 1
+    if saved_world != info.world:
+        if info.is_main:
+            log.warning("the checkpoint's random state is from %s process(es), this run has %s: dropout "
+                        "draws anew", saved_world, info.world)
+        return
+    mine = state["ranks"][info.rank] if "ranks" in state else state
+    torch.set_rng_state(mine["cpu"])
+    if device.type == "cuda" and "cuda" in mine:
+        torch.cuda.set_rng_state(mine["cuda"], device)
 
 
 def _nan_error(what: str, step: int, batch: Batch, value: float) -> DataError:
@@ -555,16 +572,20 @@ def _train(
             done += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", trials_s=f"{trials_seen / max(step_time, 1e-9):.1f}")
-            if tcfg.checkpoint_minutes and info.is_main and done < len(plan) \
-                    and time.monotonic() - saved_at >= 60.0 * tcfg.checkpoint_minutes:
-                position = {"batches": done, "loss": epoch_loss, "trials": epoch_n}
-                save_checkpoint(out / "last.pt", model, optimizer=opt, step=step, epoch=epoch,
-                                best_score=best_score if best_epoch > 0 else None, train_config=asdict(tcfg),
-                                extra={"history": _jsonable(history), "best_epoch": best_epoch,
-                                       "within_epoch": position, "rng": _rng_state(device, info)})
+            if tcfg.checkpoint_minutes and done < len(plan) and broadcast_flag(
+                    time.monotonic() - saved_at >= 60.0 * tcfg.checkpoint_minutes, info):  # rank 0's clock
+                rng = _rng_state(device, info)  # every rank's, under DDP
+                if info.is_main:
+                    position = {"batches": done, "loss": epoch_loss, "trials": epoch_n}
+                    save_checkpoint(out / "last.pt", model, optimizer=opt, step=step, epoch=epoch,
+                                    best_score=best_score if best_epoch > 0 else None,
+                                    train_config=asdict(tcfg), extra={
+                                        "history": _jsonable(history), "best_epoch": best_epoch,
+                                        "within_epoch": position, "rng": rng})
                 saved_at = time.monotonic()
         bar.close()
         completed = epoch + 1 if done == len(plan) else epoch  # epochs finished, for resume
+        rng = _rng_state(device, info)  # every rank's, under DDP (evaluating draws nothing from it)
         if info.is_main:
             val_loss = masked_eval_loss(model, data, VAL, batch_size=tcfg.eval_batch_size, device=device,
                                         spike_weight=tcfg.spike_weight)
@@ -581,7 +602,7 @@ def _train(
             extra = {"history": _jsonable(history), "best_epoch": best_epoch}
             # last.pt, the one a run resumes from, also keeps the random state and, when max_steps stopped
             # the epoch early, where in the epoch it stopped: a resumed run goes on at the next batch
-            resume_at: dict[str, Any] = {"rng": _rng_state(device, info)}
+            resume_at: dict[str, Any] = {"rng": rng}
             if completed == epoch:
                 resume_at["within_epoch"] = {"batches": done, "loss": epoch_loss, "trials": epoch_n}
             for name in ("best.pt", "last.pt") if is_best or not (out / "best.pt").exists() else ("last.pt",):
