@@ -166,15 +166,16 @@ def test_bench_quality_two_seeds_end_to_end(tmp_path: Path, caplog: pytest.LogCa
     from streams.simulate import simulate_cache
 
     data, out = tmp_path / "data", tmp_path / "out"
-    simulate_cache(data, n_sessions=3, seed=1, n_trials=40)
-    # --jobs 2: both seeds' runs trained first, in one pool of two workers, then each seed's comparison
+    simulate_cache(data, n_sessions=4, seed=1, n_trials=40)
+    # two held-out sessions; --jobs 2: both seeds' runs trained first, in one pool of two workers, then each
+    # seed's comparison
     with caplog.at_level(logging.INFO, logger="bench.quality_jobs"):
         res = CliRunner().invoke(app, ["bench", "quality", "--data", str(data), "--out", str(out),
-                                       "--pretrain", "2", "--heldout", "1", "--preset", "tiny", "--epochs",
+                                       "--pretrain", "2", "--heldout", "2", "--preset", "tiny", "--epochs",
                                        "1", "--no-streaming", "--seed", "4", "--seeds", "2", "--jobs", "2"])
     assert res.exit_code == 0, res.output
     pools = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training ")]
-    assert pools == ["training 10 runs, 2 at once"]  # (pretraining + 4 held-out runs) x 2 seeds, one pool
+    assert pools == ["training 18 runs, 2 at once"]  # (pretraining + 2 x 4 held-out runs) x 2 seeds, one pool
     assert "of 2 seeds (" in res.output  # each check printed with its per-seed differences
     rep = json.loads((out / "report.json").read_text())
     subs = [json.loads((out / f"seed_{s}" / "report.json").read_text()) for s in (4, 5)]
@@ -182,11 +183,17 @@ def test_bench_quality_two_seeds_end_to_end(tmp_path: Path, caplog: pytest.LogCa
     for sub in subs:  # each seed trained its own models, ahead of its comparison
         assert (out / f"seed_{sub['config']['seed']}" / "models" / "pretrain" / "best.pt").exists()
         assert {"trained_ahead_pretrain_s", "trained_ahead_wall_s"} <= set(sub["timing"])
-    eid = rep["heldout_sessions"][0]
-    for model, metrics in rep["results"][eid].items():
-        for metric, value in metrics.items():
-            values = [s["results"][eid][model][metric] for s in subs]
-            assert value == (None if None in values else pytest.approx(sum(values) / 2)), (model, metric)
+    eids = rep["heldout_sessions"]
+    assert len(eids) == 2
+    for eid in eids:
+        for model, metrics in rep["results"][eid].items():
+            for metric, value in metrics.items():
+                values = [s["results"][eid][model][metric] for s in subs]
+                assert value == (None if None in values else pytest.approx(sum(values) / 2)), (model, metric)
+    for sub in subs:  # a seed's summary row is the mean over its two held-out sessions
+        wheel = [sub["results"][e]["neds_multi"]["wheel_r2"] for e in eids]
+        assert sub["mean"]["neds_multi"]["wheel_r2"] == pytest.approx(sum(wheel) / 2)
+    eid = eids[0]
     assert rep["results"][eid]["linear"] == subs[0]["results"][eid]["linear"] == subs[1]["results"][eid][
         "linear"]  # the baselines do not depend on the training seed
     for check in rep["checks"]:
