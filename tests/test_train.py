@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -297,6 +298,28 @@ def test_a_run_stopped_by_max_steps_inside_an_epoch_resumes_at_the_next_batch(
              for e in (0, 1)]
     assert trained == plans[0] + plans[1]  # every batch once, none twice
     assert "within_epoch" not in read_checkpoint(tmp_path / "run" / "last.pt")["extra"]  # ended its epochs
+
+
+def test_a_random_state_from_another_process_count_is_not_restored(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    arrays = [synthetic_arrays(EIDS[0])]
+    train(arrays, tmp_path / "run", tiny_cfg(), quick(max_steps=3))
+    path = tmp_path / "run" / "last.pt"
+    ckpt = read_checkpoint(path)
+    mine = ckpt["extra"]["rng"]
+    ckpt["extra"]["rng"] = {"ranks": [mine, mine]}  # as two DDP processes save it
+    torch.save(ckpt, path)
+    torch.manual_seed(99)
+    before = torch.get_rng_state()
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        train_mod._restore_rng(read_checkpoint(path)["extra"]["rng"], torch.device("cpu"),
+                               train_mod.init_distributed("cpu"))
+    assert "random state is from 2 process(es), this run has 1: dropout draws anew" in caplog.text
+    assert torch.equal(torch.get_rng_state(), before)  # left as it was
+    train_mod._restore_rng(mine, torch.device("cpu"), train_mod.init_distributed("cpu"))
+    assert torch.equal(torch.get_rng_state(), mine["cpu"])  # this run's own count: put back
+    resumed = train(arrays, tmp_path / "run", tiny_cfg(), quick(), resume=True)
+    assert resumed.steps == 12  # the run still resumes, at its next batch
 
 def test_finetune_keeps_shared_weights_and_rebuilds_session_layers(tmp_path: Path) -> None:
     pre = train([synthetic_arrays(EIDS[0], seed=0)], tmp_path / "pre", tiny_cfg(mask_ratio=0.25),
