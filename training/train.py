@@ -496,6 +496,8 @@ def _train(
     device = info.device
     model.to(device)
     net = wrap(model, info)
+    if info.world > 1:  # each rank its own dropout draws (the weights stay equal: DDP averages the gradients)
+        torch.manual_seed(tcfg.seed * 7919 + 15485863 * (info.rank + 1))
     opt = _optimizer(model, tcfg)
     steps_per_epoch = len(plan_epoch(data, TRAIN, tcfg.batch_size, tcfg.seed, 0, info.rank, info.world))
     total_steps = steps_per_epoch * tcfg.epochs
