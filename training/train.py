@@ -529,6 +529,18 @@ def _train(
     target_var = {eid: target_variance(arr) for eid, arr in data.items()}
     step_time, trials_seen = 0.0, 0
     saved_at = time.monotonic()  # of the last save inside an epoch (TrainConfig.checkpoint_minutes)
+
+    def save_last(epochs_done: int, rng: dict[str, Any]) -> None:
+        """Write ``last.pt``, the checkpoint a run resumes from, at the loop's state now: with every rank's
+        random state and, while the current epoch is unfinished (``epochs_done == epoch``), where in it the
+        run is, so a resumed run goes on at the next batch."""
+        extra: dict[str, Any] = {"history": _jsonable(history), "best_epoch": best_epoch, "rng": rng}
+        if epochs_done == epoch:
+            extra["within_epoch"] = {"batches": done, "loss": epoch_loss, "trials": epoch_n}
+        save_checkpoint(out / "last.pt", model, optimizer=opt, step=step, epoch=epochs_done,
+                        best_score=best_score if best_epoch > 0 else None, train_config=asdict(tcfg),
+                        extra=extra)
+
     net.train()
     for epoch in range(start_epoch, tcfg.epochs):
         if tcfg.max_steps and step >= tcfg.max_steps:
@@ -578,12 +590,7 @@ def _train(
                     time.monotonic() - saved_at >= 60.0 * tcfg.checkpoint_minutes, info):  # rank 0's clock
                 rng = _rng_state(device, info)  # every rank's, under DDP
                 if info.is_main:
-                    position = {"batches": done, "loss": epoch_loss, "trials": epoch_n}
-                    save_checkpoint(out / "last.pt", model, optimizer=opt, step=step, epoch=epoch,
-                                    best_score=best_score if best_epoch > 0 else None,
-                                    train_config=asdict(tcfg), extra={
-                                        "history": _jsonable(history), "best_epoch": best_epoch,
-                                        "within_epoch": position, "rng": rng})
+                    save_last(epoch, rng)
                 saved_at = time.monotonic()
         bar.close()
         completed = epoch + 1 if done == len(plan) else epoch  # epochs finished, for resume
@@ -601,16 +608,11 @@ def _train(
             is_best = math.isfinite(score) and score > best_score
             if is_best:
                 best_score, best_epoch = score, epoch + 1
-            extra = {"history": _jsonable(history), "best_epoch": best_epoch}
-            # last.pt, the one a run resumes from, also keeps the random state and, when max_steps stopped
-            # the epoch early, where in the epoch it stopped: a resumed run goes on at the next batch
-            resume_at: dict[str, Any] = {"rng": rng}
-            if completed == epoch:
-                resume_at["within_epoch"] = {"batches": done, "loss": epoch_loss, "trials": epoch_n}
-            for name in ("best.pt", "last.pt") if is_best or not (out / "best.pt").exists() else ("last.pt",):
-                save_checkpoint(out / name, model, optimizer=opt, step=step, epoch=completed,
+            if is_best or not (out / "best.pt").exists():
+                save_checkpoint(out / "best.pt", model, optimizer=opt, step=step, epoch=completed,
                                 best_score=best_score if best_epoch > 0 else None, train_config=asdict(tcfg),
-                                extra=extra if name == "best.pt" else {**extra, **resume_at})
+                                extra={"history": _jsonable(history), "best_epoch": best_epoch})
+            save_last(completed, rng)  # an epoch that max_steps stopped early is resumed at its next batch
             log.info("epoch %s: train loss %.4f, val loss %.4f, val score %.4f%s", epoch + 1,
                      record["train_loss"], record["val_loss"], score, " (best)" if is_best else "")
             _write_metrics(out / "metrics.json", {
