@@ -150,8 +150,9 @@ def train_ahead_seeds(data: Path | str, parts: Sequence[tuple[Path, QualityConfi
                               len(running))
     if error is not None:
         raise error
+    wall = time.perf_counter() - t0
     for part in seconds:
-        part["wall_s"] = time.perf_counter() - t0
+        part["wall_s"] = wall
     return seconds
 
 
