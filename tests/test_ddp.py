@@ -68,15 +68,15 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path: Path) -> None:
     _run_two(tmp_path, "cpu")
 
 
+_REAL_DRAW = train_mod.draw_masks
+_DRAWS = itertools.count(1)  # draw_masks calls in this process
+
+
 def _stopped_at_step_4(*args: Any) -> Any:
     """``draw_masks`` that stops the run at the 4th training step's masks, on every rank at once."""
     if len(args) == 5 and next(_DRAWS) == 4:  # a training step's draw (the VAL loss passes no schemes)
         raise RuntimeError("stopped at step 4")
     return _REAL_DRAW(*args)
-
-
-_REAL_DRAW = train_mod.draw_masks
-_DRAWS = itertools.count(1)
 
 
 def _resume_worker(rank: int, world: int, port: int, out: str, mode: str) -> None:

@@ -321,6 +321,7 @@ def test_a_random_state_from_another_process_count_is_not_restored(tmp_path: Pat
     resumed = train(arrays, tmp_path / "run", tiny_cfg(), quick(), resume=True)
     assert resumed.steps == 12  # the run still resumes, at its next batch
 
+
 def test_finetune_keeps_shared_weights_and_rebuilds_session_layers(tmp_path: Path) -> None:
     pre = train([synthetic_arrays(EIDS[0], seed=0)], tmp_path / "pre", tiny_cfg(mask_ratio=0.25),
                 quick(epochs=1))
