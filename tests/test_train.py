@@ -298,6 +298,10 @@ def test_a_run_stopped_by_max_steps_inside_an_epoch_resumes_at_the_next_batch(
              for e in (0, 1)]
     assert trained == plans[0] + plans[1]  # every batch once, none twice
     assert "within_epoch" not in read_checkpoint(tmp_path / "run" / "last.pt")["extra"]  # ended its epochs
+    assert [(h["epoch"], h.get("partial")) for h in resumed.history] == [
+        (1, {"batches": 3, "of": 6}), (1, None), (2, None)]  # the stop's evaluation kept, marked as such
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["history"][0]["partial"] == {
+        "batches": 3, "of": 6}
 
 
 def test_a_random_state_from_another_process_count_is_not_restored(tmp_path: Path,

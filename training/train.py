@@ -10,7 +10,8 @@
   (the encoding-only and decoding-only variants average their own task's metrics alone), and
   the masked validation loss; ``best.pt`` keeps the best score, ``last.pt`` the latest state (for resume;
   also every ``TrainConfig.checkpoint_minutes`` inside an epoch, and a run resumed from there continues at the
-  next batch with the random streams it stopped in); ``metrics.json`` the history.
+  next batch with the random streams it stopped in); ``metrics.json`` the history (an epoch that
+  ``max_steps`` cut short is recorded with ``"partial"``: the batches done and the epoch's count).
 - at the end (``TrainConfig.refit_class_heads``, runs on trial windows that train the class heads): the
   choice and block heads of ``best.pt`` are refitted by logistic regression on its frozen TRAIN features
   (:mod:`training.refit`);
@@ -603,6 +604,8 @@ def _train(
                 "train_loss": epoch_loss / max(epoch_n, 1), "val_loss": val_loss,
                 "val": evaluate(model, data, VAL, tcfg.eval_batch_size, device, scored_metrics(tcfg.schemes)),
             }
+            if done < len(plan):  # max_steps stopped it: a resumed run records the whole epoch again
+                record["partial"] = {"batches": done, "of": len(plan)}
             history.append(record)
             score = record["val"]["score"]
             is_best = math.isfinite(score) and score > best_score
