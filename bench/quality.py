@@ -432,6 +432,7 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str
     from training.arrays import TEST, TRAIN
     from training.cache import load_arrays
     from training.oracle import chance_levels, latent_shares_for
+    from training.probes import Scores, probe_layers
 
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -448,9 +449,11 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str
     shares: dict[str, dict[str, float]] = {}  # eid -> latent -> share of the log-rate variance (simulated)
     helds: dict[str, HeldOut] = {}
     finetuned: dict[str, NEDS] = {}
+    probes: dict[str, dict[str, Scores]] = {}  # eid -> model -> where it holds choice and block
     for eid in heldout:
         arr = arrays[eid]
         held = helds[eid] = HeldOut(arr=arr, test=arr.subset(TEST))
+        probed: dict[str, NEDS] = {}  # the models that decode, for the layer probes
         t0 = time.perf_counter()
         rows = _baselines(arr, held)
         chances[eid] = {k: clean(v) for k, v in chance_levels(arr).items()}
@@ -469,14 +472,19 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str
             rows[name] = neds_metrics(pred, arr, held.test, tasks)
             _keep_preds(held, name, pred)
             timing[f"{name}_{eid}_s"] = time.perf_counter() - t0
+            if "decoding" in tasks:
+                probed[name] = model
         t0 = time.perf_counter()
         model = train_multi(arr, out, cfg)
-        finetuned[eid] = model
+        finetuned[eid] = probed["neds_multi"] = model
         pred = neds_predict(model, arr, held.test)
         rows["neds_multi"] = neds_metrics(pred, arr, held.test)
         _keep_preds(held, "neds_multi", pred)
         timing[f"neds_multi_{eid}_s"] = time.perf_counter() - t0
         results[eid] = rows
+        t0 = time.perf_counter()
+        probes[eid] = {name: probe_layers(m, arr) for name, m in probed.items()}
+        timing[f"probes_{eid}_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     regions, region_data = _regions(data, arrays, pre, pretrained, finetuned, cfg)
     timing["regions_s"] = time.perf_counter() - t0
@@ -489,6 +497,8 @@ def _run(data: Path, out: Path, cfg: QualityConfig, command: str
     }
     if shares:
         extra["latent_variance"] = shares
+    if probes:
+        extra["probes"] = probes
     report = assemble(results, ceilings=ceilings, chances=chances, regions=regions, extra=extra)
     t0 = time.perf_counter()
     report["check_intervals"] = _intervals([helds], [region_data], cfg.seed)

@@ -326,6 +326,25 @@ def gap_table(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def probe_tables(probes: Mapping[str, Mapping[str, Any]], linear: Mapping[str, float | None]) -> list[str]:
+    """One session's layer probes (``training.probes``; model -> label -> token -> depth -> score): a table
+    per label, a row per model and token, a column per depth; the linear decoder's score in the heading."""
+    out: list[str] = []
+    for label in ("choice", "block"):
+        rows = [(model, token, by_depth) for model, scores in probes.items()
+                for token, by_depth in scores.get(label, {}).items()]
+        if not rows:
+            continue
+        depths = list(rows[0][2])
+        bar = _fmt(linear.get(f"{label}_balanced_accuracy"))
+        out += [f"{label.capitalize()} (the linear decoder: {bar}):", "",
+                "| model, token | " + " | ".join(depths) + " |", "|---|" + "---:|" * len(depths)]
+        out += [f"| {model}, {token} token | " + " | ".join(_fmt(by_depth.get(d)) for d in depths) + " |"
+                for model, token, by_depth in rows]
+        out.append("")
+    return out
+
+
 def summary_table(report: Mapping[str, Any]) -> str:
     """The session-mean table (the issue's summary table)."""
     return "\n".join(table(report["mean"], report["models"]))
@@ -390,6 +409,13 @@ def markdown(report: Mapping[str, Any]) -> str:
             out += ["Share of the simulated units' log-rate variance that each latent drives (the weaker a "
                     "behaviour's share, the more neurons and bins a decoder must pool): "
                     + ", ".join(f"{name} {100 * v:.1f} %" for name, v in shares.items()) + ".", ""]
+        probes = (report.get("probes") or {}).get(eid)
+        if probes:
+            out += ["Where the NEDS models hold choice and block: the linear decoder's logistic read-out "
+                    "(chunk means of a trial, C chosen on VAL) fitted on each token's states as they enter, "
+                    "after each block and at the output, decoding mask; TEST balanced accuracy ('-': the "
+                    "same state in every trial).", "",
+                    *probe_tables(probes, report["results"][eid].get("linear", {}))]
     reg = report.get("regions") or {}
     if reg:
         out += ["## Brain-region classification from neuron embeddings", "", *_region_table(reg), "",

@@ -150,6 +150,19 @@ def test_markdown_and_files(tmp_path: Path) -> None:
     assert "log-rate variance that each latent drives" in session_a
     assert "choice 0.3 %, whisking 14.6 %" in session_a
     assert "log-rate variance" not in markdown(rep).split(f"## Session {B}")[1].split("##")[0]
+    assert "hold choice and block" not in md  # no probes were run
+    depths = ("input", "block 1", "output")
+    choice = {"spike": dict(zip(depths, (0.81, 0.7, 0.62), strict=True)),
+              "choice": dict(zip(depths, (None, 0.66, 0.64), strict=True))}
+    block = {"spike": dict.fromkeys(depths), "block": dict.fromkeys(depths)}
+    rep["probes"] = {A: {"neds_multi": {"choice": choice, "block": block}}}
+    session_a = markdown(rep).split(f"## Session {A}")[1].split("## Session")[0]
+    assert "Choice (the linear decoder: 0.800):" in session_a  # session A's linear choice
+    assert "| model, token | input | block 1 | output |" in session_a
+    assert "| neds_multi, spike token | 0.810 | 0.700 | 0.620 |" in session_a
+    assert "| neds_multi, choice token | - | 0.660 | 0.640 |" in session_a  # hidden before the first block
+    assert "| neds_multi, block token | - | - | - |" in session_a  # one block on TRAIN: nothing scored
+    assert "hold choice and block" not in markdown(rep).split(f"## Session {B}")[1]
 
 
 def test_region_table_gives_the_ceiling_and_fractions_when_it_was_run() -> None:
@@ -496,6 +509,16 @@ def test_bench_quality_end_to_end(tmp_path: Path) -> None:
     assert f"choice {100 * shares['choice']:.1f} %" in md
     for scheme in ("int8", "int4"):
         assert f"| neds_streaming_{scheme} |" in md and f"{scheme} weights (`neds_streaming_{scheme}`)" in md
+    probes = rep["probes"][eid]  # where each decoding NEDS holds the labels, layer by layer
+    assert list(probes) == ["neds_decoding", "neds_single", "neds_multi"]
+    for scores in probes.values():
+        spike = scores["choice"]["spike"]
+        assert list(spike) == ["input", "block 1", "block 2", "output"]
+        assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in spike.values())
+        assert scores["choice"]["choice"]["input"] is None  # the hidden choice token, alike in every trial
+        assert isinstance(scores["choice"]["choice"]["output"], float)
+        assert all(v is None for v in scores["block"]["block"].values())  # one block on TRAIN (see above)
+    assert "| neds_multi, spike token |" in md and "| neds_decoding, choice token | - |" in md
 
     # --resume: the finished runs are reused (none retrained), one cut short before its end continues
     runs = sorted(out.glob("models/**/best.pt"))

@@ -196,7 +196,7 @@ def spike_features(
     return proj.astype(np.float32)
 
 
-def _trial_features(x: np.ndarray, n_chunks: int) -> np.ndarray:
+def chunk_means(x: np.ndarray, n_chunks: int) -> np.ndarray:
     """(K, T, D) -> (K, n_chunks * D): means over ``n_chunks`` consecutive stretches of the window."""
     t = x.shape[1]
     if not 1 <= n_chunks <= t:
@@ -351,7 +351,7 @@ def decode_from_features(
         feats, {"wheel": wheel, "whisker": whisker}, split, lags=cfg.lags, alphas=cfg.alphas
     )
     cls = fit_trial_logistic(
-        _trial_features(feats if trial_features is None else np.asarray(trial_features), cfg.n_chunks),
+        chunk_means(feats if trial_features is None else np.asarray(trial_features), cfg.n_chunks),
         {"choice": (choice, N_CHOICE), "block": (block, N_BLOCK)},
         split, Cs=cfg.Cs, max_iter=cfg.max_iter,
     )
