@@ -15,6 +15,7 @@ from training.arrays import TRAIN, TrialArrays
 from training.baselines import LinearConfig, chunk_means, fit_trial_logistic
 from training.model import NEDS
 from training.probes import depth_names, probe_layers
+from training.states import decoding_states
 
 EID = "dddddddd-0000-4000-8000-000000000004"
 
@@ -93,3 +94,19 @@ def test_per_bin_labels_are_refused() -> None:
     per_bin = replace(arr, choice=np.repeat(np.asarray(arr.choice)[:, None], arr.spikes.shape[1], axis=1))
     with pytest.raises(DataError, match="one per trial window"):
         probe_layers(_model(arr), per_bin)
+
+
+def test_decoding_states_give_every_depth_and_restore_the_mode_when_left_early() -> None:
+    arr = synthetic_arrays(EID)
+    model = _model(arr)
+    model.train()
+    rows = np.arange(arr.spikes.shape[0])
+    final = decoding_states(model, arr, rows, batch_size=8)
+    (h,) = next(final)
+    assert not model.training  # evaluated as in serving: no dropout
+    final.close()  # a caller that stops early still gets its model back in training mode
+    assert model.training
+    every = next(decoding_states(model, arr, rows, batch_size=8, every_depth=True))
+    assert len(every) == model.cfg.layers + 2
+    assert h.shape == (8, 20, model.tokens_per_bin, model.cfg.hidden)
+    torch.testing.assert_close(every[-1], h, rtol=0, atol=0)  # the last depth is the encoding

@@ -25,14 +25,12 @@ import logging
 from typing import Final
 
 import numpy as np
-import torch
 
 from neds_rt.errors import DataError, invalid
 from training.arrays import N_BLOCK, N_CHOICE, TRAIN, TrialArrays
 from training.baselines import LinearConfig, chunk_means, fit_trial_logistic
-from training.loader import make_batch
-from training.masking import eval_mask
 from training.model import BLOCK, CHOICE, NEDS, SPIKES
+from training.states import decoding_states
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +50,6 @@ def token_indices(model: NEDS) -> dict[str, int]:
     return {"spike": SPIKES, "choice": CHOICE, "block": BLOCK}
 
 
-@torch.no_grad()
 def layer_features(model: NEDS, arr: TrialArrays, *, n_chunks: int, batch_size: int = 32
                    ) -> dict[str, dict[str, np.ndarray]]:
     """Decoding-mask states of every trial of one session (on the model's device): depth -> token ->
@@ -61,21 +58,12 @@ def layer_features(model: NEDS, arr: TrialArrays, *, n_chunks: int, batch_size: 
         raise invalid(f"session {arr.eid} labels", "must be one per trial window to probe", arr.choice.shape,
                       "probe trial windows, not continuous ones", kind=DataError)
     depths, tokens = depth_names(model), token_indices(model)
-    device = next(model.parameters()).device
     parts: dict[str, dict[str, list[np.ndarray]]] = {d: {t: [] for t in tokens} for d in depths}
-    was_training = model.training
-    model.eval()
-    rows = np.arange(arr.spikes.shape[0])
-    for start in range(0, rows.size, batch_size):
-        batch = make_batch(arr, rows[start : start + batch_size], device)
-        b, t = batch.size, batch.spikes.shape[1]
-        x = model.embed(batch.eid, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block,
-                        eval_mask("decoding", b, t).to(device))  # (B, T*K, hidden)
-        for depth, h in zip(depths, model.encode_layers(x, t), strict=True):
-            h = h.view(b, t, model.tokens_per_bin, -1)  # (B, T, K, hidden)
+    for states in decoding_states(model, arr, np.arange(arr.spikes.shape[0]), batch_size=batch_size,
+                                  every_depth=True):
+        for depth, h in zip(depths, states, strict=True):  # h (B, T, K, hidden)
             for name, i in tokens.items():
                 parts[depth][name].append(chunk_means(h[:, :, i].float().cpu().numpy(), n_chunks))
-    model.train(was_training)
     return {d: {name: np.concatenate(p) for name, p in by_token.items()} for d, by_token in parts.items()}
 
 

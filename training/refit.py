@@ -41,10 +41,9 @@ from torch import nn
 from neds_rt.errors import DataError, invalid
 from training.arrays import N_BLOCK, N_CHOICE, TRAIN, VAL, TrialArrays
 from training.baselines import fit_logistic
-from training.loader import make_batch
-from training.masking import eval_mask
 from training.metrics import balanced_accuracy
 from training.model import BLOCK, CHOICE, MODALITIES, NEDS
+from training.states import decoding_states
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +79,9 @@ def class_states(
     """Decoding-mask states each class head reads, averaged over the bins of each trial ``rows`` of one
     session: {CHOICE, BLOCK} -> (K, hidden)."""
     states: dict[int, list[np.ndarray]] = {CHOICE: [], BLOCK: []}
-    was_training = model.training
-    model.eval()
-    for start in range(0, rows.size, batch_size):
-        batch = make_batch(arr, rows[start : start + batch_size], device)
-        b, t = batch.size, batch.spikes.shape[1]
-        x = model.embed(batch.eid, batch.spikes, batch.wheel, batch.whisker, batch.choice, batch.block,
-                        eval_mask("decoding", b, t).to(device))  # (B, T*K, hidden)
-        h = model.encode(x, t).view(b, t, model.tokens_per_bin, -1)  # (B, T, K, hidden)
+    for (h,) in decoding_states(model, arr, rows, batch_size=batch_size, device=device):  # (B, T, K, hidden)
         for modality, chunks in states.items():
             chunks.append(model.class_state(h, modality).mean(dim=1).float().cpu().numpy())  # (B, hidden)
-    model.train(was_training)
     return {m: np.concatenate(chunks) for m, chunks in states.items()}
 
 
