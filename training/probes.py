@@ -34,7 +34,7 @@ from training.states import decoding_states
 
 log = logging.getLogger(__name__)
 
-TARGETS: Final = {"choice": N_CHOICE, "block": N_BLOCK}  # label probed -> its classes (its token's name)
+TARGETS: Final = {"choice": N_CHOICE, "block": N_BLOCK}  # label probed (and its own token's name) -> classes
 Scores = dict[str, dict[str, dict[str, float | None]]]  # label -> token -> depth -> TEST balanced accuracy
 
 
