@@ -59,6 +59,12 @@ class TrialArrays:
     def n_bins(self) -> int:
         return int(self.spikes.shape[1])
 
+    @property
+    def labels_per_trial(self) -> bool:
+        """Whether choice and block are one label per trial window ((K,)), not per bin (continuous windows
+        built as trial arrays carry (K, T))."""
+        return np.asarray(self.choice).ndim == 1
+
     def subset(self, split: int) -> np.ndarray:
         """Trial rows (K_split,) of one split."""
         return np.flatnonzero(self.split == split)

@@ -54,7 +54,7 @@ def layer_features(model: NEDS, arr: TrialArrays, *, n_chunks: int, batch_size: 
                    ) -> dict[str, dict[str, np.ndarray]]:
     """Decoding-mask states of every trial of one session (on the model's device): depth -> token ->
     (K, n_chunks * hidden) chunk means of that token's states over the trial window."""
-    if np.asarray(arr.choice).ndim != 1:
+    if not arr.labels_per_trial:
         raise invalid(f"session {arr.eid} labels", "must be one per trial window to probe", arr.choice.shape,
                       "probe trial windows, not continuous ones", kind=DataError)
     depths, tokens = depth_names(model), token_indices(model)

@@ -68,7 +68,7 @@ class HeadRefit:
 
 def refittable(arr: TrialArrays) -> bool:
     """Whether :func:`refit_class_heads` refits a session: trial windows (one label per trial) only."""
-    return np.asarray(arr.choice).ndim == 1
+    return arr.labels_per_trial
 
 
 @torch.no_grad()

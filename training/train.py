@@ -604,7 +604,7 @@ def _train(
                 "train_loss": epoch_loss / max(epoch_n, 1), "val_loss": val_loss,
                 "val": evaluate(model, data, VAL, tcfg.eval_batch_size, device, scored_metrics(tcfg.schemes)),
             }
-            if done < len(plan):  # max_steps stopped it: a resumed run records the whole epoch again
+            if completed == epoch:  # max_steps stopped it: a resumed run records the whole epoch again
                 record["partial"] = {"batches": done, "of": len(plan)}
             history.append(record)
             score = record["val"]["score"]
