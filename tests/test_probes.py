@@ -35,7 +35,7 @@ def test_encode_layers_are_the_input_each_block_and_the_encoding() -> None:
         states = model.encode_layers(x, 20)
         assert len(states) == model.cfg.layers + 2 == len(depth_names(model))
         assert torch.equal(states[0], x)
-        assert torch.equal(states[1], model.blocks[0](x, *model._attention_inputs(20, x.device)))
+        assert torch.equal(states[1], model.blocks[0](x, *model.attention_inputs(20, x.device)))
         assert torch.equal(states[-1], model.encode(x, 20))
 
 

@@ -303,7 +303,7 @@ class NEDS(nn.Module):
 
     def encode(self, x: Tensor, n_bins: int) -> Tensor:
         """Run the transformer on time-major tokens (B, L, hidden) -> final hidden states (B, L, hidden)."""
-        cos, sin, allowed = self._attention_inputs(n_bins, x.device)
+        cos, sin, allowed = self.attention_inputs(n_bins, x.device)
         for block in self.blocks:
             x = block(x, cos, sin, allowed)
         return self.norm(x)
@@ -311,14 +311,14 @@ class NEDS(nn.Module):
     def encode_layers(self, x: Tensor, n_bins: int) -> list[Tensor]:
         """:meth:`encode`, keeping every depth's states (B, L, hidden): the tokens as they enter, after each
         block, and after the final LayerNorm (the last is :meth:`encode`'s output); ``layers + 2`` in all."""
-        cos, sin, allowed = self._attention_inputs(n_bins, x.device)
+        cos, sin, allowed = self.attention_inputs(n_bins, x.device)
         states = [x]
         for block in self.blocks:
             states.append(block(states[-1], cos, sin, allowed))
         states.append(self.norm(states[-1]))
         return states
 
-    def _attention_inputs(self, n_bins: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+    def attention_inputs(self, n_bins: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
         """Rotary tables (L, head_dim) x 2 and the attention mask (None or (L, L)) of ``n_bins`` bins."""
         pos = self.positions(n_bins, device)  # (L,)
         cos, sin = rotary_tables(pos, self.cfg.head_dim, self.cfg.rope_base)  # (L, head_dim) each
